@@ -1,0 +1,1 @@
+fn main(){ println!("cuda {}", tch::Cuda::is_available()); }

@@ -1,0 +1,474 @@
+//! Built-in architectures, written as specs through [`SpecBuilder`]. A preset
+//! is named `name` or `name:key=value,key=value` (for example
+//! `mlp:hidden=1024,depth=2` or `resnet18:classes=100`).
+
+use std::collections::BTreeMap;
+
+use super::spec::{ArchSpec, NodeSpec, Op, FORMAT};
+use crate::{FusionError, Result};
+
+/// Preset names with a one-line description and their options.
+pub const PRESETS: &[(&str, &str)] = &[
+    (
+        "mlp",
+        "flatten then Linear+ReLU layers fc1..fcN (input=1x28x28, hidden=512, depth=3, classes=10, bias=false)",
+    ),
+    (
+        "lenet",
+        "LeNet-5 for 28x28 inputs, feature.*/classifier.* names (channels=1, classes=10, bias=false)",
+    ),
+    (
+        "lenet-cifar",
+        "LeNet-5 for 32x32 inputs, conv1/conv2/fc1..fc3 names (channels=3, classes=10, bias=false)",
+    ),
+    (
+        "vgg11",
+        "VGG11 for 32x32 inputs, features.*/classifier (channels=3, classes=10, width=64, bias=false)",
+    ),
+    (
+        "vgg11-bn",
+        "VGG11 with BatchNorm after every conv (channels=3, classes=10, width=64, bias=false)",
+    ),
+    (
+        "resnet18",
+        "ResNet18, torchvision names (channels=3, classes=10, size=32, width=64, stem=cifar|imagenet)",
+    ),
+    (
+        "resnet",
+        "ResNet of BasicBlocks, torchvision names (blocks=2-2-2-2, width=64, channels=3, classes=10, size=32, stem=cifar|imagenet)",
+    ),
+];
+
+/// Builds the spec of a preset such as `mlp` or `resnet18:classes=100`.
+pub fn preset(text: &str) -> Result<ArchSpec> {
+    let (name, args) = match text.split_once(':') {
+        Some((n, a)) => (n, a),
+        None => (text, ""),
+    };
+    let mut opts = Options::parse(name, args)?;
+    let spec = match name {
+        "mlp" => mlp(&mut opts)?,
+        "lenet" => lenet_mnist(&mut opts)?,
+        "lenet-cifar" => lenet_cifar(&mut opts)?,
+        "vgg11" => vgg11(&mut opts, false)?,
+        "vgg11-bn" => vgg11(&mut opts, true)?,
+        "resnet18" => resnet(&mut opts, "resnet18", Some(vec![2, 2, 2, 2]))?,
+        "resnet" => resnet(&mut opts, "resnet", None)?,
+        _ => {
+            return Err(FusionError::UnknownPreset {
+                name: name.to_string(),
+                known: PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            })
+        }
+    };
+    opts.finish()?;
+    Ok(spec)
+}
+
+/// `key=value` options of a preset; every option must be used.
+struct Options {
+    preset: String,
+    values: BTreeMap<String, String>,
+}
+
+impl Options {
+    fn parse(preset: &str, args: &str) -> Result<Self> {
+        let mut values = BTreeMap::new();
+        for part in args.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                FusionError::spec(format!(
+                    "preset `{preset}`: option `{part}` is not of the form key=value"
+                ))
+            })?;
+            values.insert(k.trim().to_string(), v.trim().to_string());
+        }
+        Ok(Options {
+            preset: preset.to_string(),
+            values,
+        })
+    }
+
+    fn bad(&self, key: &str, value: &str, want: &str) -> FusionError {
+        FusionError::spec(format!(
+            "preset `{}`: option {key}={value} is not {want}",
+            self.preset
+        ))
+    }
+
+    fn usize(&mut self, key: &str, default: usize) -> Result<usize> {
+        match self.values.remove(key) {
+            None => Ok(default),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(self.bad(key, &v, "a positive integer")),
+            },
+        }
+    }
+
+    fn bool(&mut self, key: &str, default: bool) -> Result<bool> {
+        match self.values.remove(key) {
+            None => Ok(default),
+            Some(v) => match v.as_str() {
+                "true" | "yes" | "1" => Ok(true),
+                "false" | "no" | "0" => Ok(false),
+                _ => Err(self.bad(key, &v, "true or false")),
+            },
+        }
+    }
+
+    /// A list such as `2-2-2-2` or a shape such as `1x28x28`.
+    fn list(&mut self, key: &str, sep: char, default: Vec<usize>) -> Result<Vec<usize>> {
+        match self.values.remove(key) {
+            None => Ok(default),
+            Some(v) => {
+                let parsed: Option<Vec<usize>> = v
+                    .split(sep)
+                    .map(|p| p.trim().parse::<usize>().ok().filter(|n| *n > 0))
+                    .collect();
+                parsed.ok_or_else(|| {
+                    self.bad(key, &v, &format!("a list of positive integers separated by `{sep}`"))
+                })
+            }
+        }
+    }
+
+    fn choice(&mut self, key: &str, choices: &[&str]) -> Result<String> {
+        match self.values.remove(key) {
+            None => Ok(choices[0].to_string()),
+            Some(v) if choices.contains(&v.as_str()) => Ok(v),
+            Some(v) => Err(self.bad(key, &v, &format!("one of {}", choices.join(", ")))),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.values.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(FusionError::spec(format!(
+                "preset `{}` has no option `{k}`",
+                self.preset
+            ))),
+        }
+    }
+}
+
+/// Appends nodes to a spec; each node reads the previous one unless told otherwise.
+pub struct SpecBuilder {
+    name: String,
+    input: Vec<usize>,
+    nodes: Vec<NodeSpec>,
+}
+
+impl SpecBuilder {
+    pub fn new(name: &str, input: Vec<usize>) -> Self {
+        SpecBuilder {
+            name: name.to_string(),
+            input,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Adds a node reading `input` (empty: the previous node).
+    pub fn node(&mut self, name: Option<&str>, input: &[&str], op: Op) -> &mut Self {
+        self.nodes.push(NodeSpec {
+            name: name.map(str::to_string),
+            input: input.iter().map(|s| s.to_string()).collect(),
+            op,
+        });
+        self
+    }
+
+    pub fn linear(&mut self, name: &str, i: usize, o: usize, bias: bool) -> &mut Self {
+        self.node(
+            Some(name),
+            &[],
+            Op::Linear {
+                in_features: i,
+                out_features: o,
+                bias,
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv(
+        &mut self,
+        name: &str,
+        input: &[&str],
+        i: usize,
+        o: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> &mut Self {
+        self.node(
+            Some(name),
+            input,
+            Op::Conv2d {
+                in_channels: i,
+                out_channels: o,
+                kernel,
+                stride,
+                padding,
+                bias,
+            },
+        )
+    }
+
+    pub fn batch_norm(&mut self, name: &str, features: usize) -> &mut Self {
+        self.node(
+            Some(name),
+            &[],
+            Op::BatchNorm {
+                features,
+                eps: 1e-5,
+                momentum: 0.1,
+            },
+        )
+    }
+
+    pub fn relu(&mut self, name: Option<&str>) -> &mut Self {
+        self.node(name, &[], Op::Relu {})
+    }
+
+    pub fn max_pool(&mut self, kernel: usize, stride: usize, padding: usize) -> &mut Self {
+        self.node(
+            None,
+            &[],
+            Op::MaxPool2d {
+                kernel,
+                stride: Some(stride),
+                padding,
+            },
+        )
+    }
+
+    pub fn flatten(&mut self) -> &mut Self {
+        self.node(None, &[], Op::Flatten {})
+    }
+
+    pub fn build(&self) -> ArchSpec {
+        ArchSpec {
+            format: FORMAT.to_string(),
+            name: self.name.clone(),
+            input: self.input.clone(),
+            output: None,
+            nodes: self.nodes.clone(),
+        }
+    }
+}
+
+fn mlp(o: &mut Options) -> Result<ArchSpec> {
+    let input = o.list("input", 'x', vec![1, 28, 28])?;
+    let hidden = o.usize("hidden", 512)?;
+    let depth = o.usize("depth", 3)?;
+    let classes = o.usize("classes", 10)?;
+    let bias = o.bool("bias", false)?;
+    Ok(mlp_spec(&input, hidden, depth, classes, bias))
+}
+
+/// Flatten, then `depth` hidden Linear+ReLU layers of `hidden` units and a
+/// Linear output layer, named fc1..fc{depth+1} as in the paper's code.
+pub fn mlp_spec(input: &[usize], hidden: usize, depth: usize, classes: usize, bias: bool) -> ArchSpec {
+    let mut b = SpecBuilder::new("mlp", input.to_vec());
+    b.flatten();
+    let mut width = input.iter().product();
+    for i in 1..=depth {
+        b.linear(&format!("fc{i}"), width, hidden, bias).relu(None);
+        width = hidden;
+    }
+    b.linear(&format!("fc{}", depth + 1), width, classes, bias);
+    b.build()
+}
+
+fn lenet_mnist(o: &mut Options) -> Result<ArchSpec> {
+    let channels = o.usize("channels", 1)?;
+    let classes = o.usize("classes", 10)?;
+    let bias = o.bool("bias", false)?;
+    let mut b = SpecBuilder::new("lenet", vec![channels, 28, 28]);
+    b.conv("feature.0", &[], channels, 6, 5, 1, 2, bias)
+        .relu(None)
+        .max_pool(2, 2, 0)
+        .conv("feature.3", &[], 6, 16, 5, 1, 0, bias)
+        .relu(None)
+        .max_pool(2, 2, 0)
+        .flatten()
+        .linear("classifier.1", 400, 120, bias)
+        .relu(None)
+        .linear("classifier.3", 120, 84, bias)
+        .relu(None)
+        .linear("classifier.5", 84, classes, bias);
+    Ok(b.build())
+}
+
+fn lenet_cifar(o: &mut Options) -> Result<ArchSpec> {
+    let channels = o.usize("channels", 3)?;
+    let classes = o.usize("classes", 10)?;
+    let bias = o.bool("bias", false)?;
+    let mut b = SpecBuilder::new("lenet-cifar", vec![channels, 32, 32]);
+    b.conv("conv1", &[], channels, 6, 5, 1, 0, bias)
+        .relu(None)
+        .max_pool(2, 2, 0)
+        .conv("conv2", &[], 6, 16, 5, 1, 0, bias)
+        .relu(None)
+        .max_pool(2, 2, 0)
+        .flatten()
+        .linear("fc1", 400, 120, bias)
+        .relu(None)
+        .linear("fc2", 120, 84, bias)
+        .relu(None)
+        .linear("fc3", 84, classes, bias);
+    Ok(b.build())
+}
+
+fn vgg11(o: &mut Options, batch_norm: bool) -> Result<ArchSpec> {
+    let channels = o.usize("channels", 3)?;
+    let classes = o.usize("classes", 10)?;
+    let width = o.usize("width", 64)?;
+    let bias = o.bool("bias", false)?;
+    // kuangliu/pytorch-cifar's VGG11 (the paper's): 0 = max pool.
+    let cfg = [1, 0, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0];
+    let name = if batch_norm { "vgg11-bn" } else { "vgg11" };
+    let mut b = SpecBuilder::new(name, vec![channels, 32, 32]);
+    let (mut index, mut c_in) = (0, channels);
+    for m in cfg {
+        if m == 0 {
+            b.max_pool(2, 2, 0);
+            index += 1;
+            continue;
+        }
+        let c_out = m * width;
+        b.conv(&format!("features.{index}"), &[], c_in, c_out, 3, 1, 1, bias);
+        index += 1;
+        if batch_norm {
+            b.batch_norm(&format!("features.{index}"), c_out);
+            index += 1;
+        }
+        b.relu(None);
+        index += 1;
+        c_in = c_out;
+    }
+    b.flatten().linear("classifier", c_in, classes, bias);
+    Ok(b.build())
+}
+
+fn resnet(o: &mut Options, name: &str, fixed_blocks: Option<Vec<usize>>) -> Result<ArchSpec> {
+    let blocks = match fixed_blocks {
+        Some(b) => b,
+        None => o.list("blocks", '-', vec![2, 2, 2, 2])?,
+    };
+    let width = o.usize("width", 64)?;
+    let channels = o.usize("channels", 3)?;
+    let classes = o.usize("classes", 10)?;
+    let size = o.usize("size", 32)?;
+    let stem = o.choice("stem", &["cifar", "imagenet"])?;
+    Ok(resnet_spec(name, &blocks, width, channels, classes, size, stem == "imagenet"))
+}
+
+/// A torchvision-style ResNet of BasicBlocks: stage i has `blocks[i]` blocks
+/// of `width * 2^i` channels, stride 2 from the second stage on. The CIFAR
+/// stem is a 3x3 conv without max pool; the ImageNet stem is torchvision's.
+pub fn resnet_spec(
+    name: &str,
+    blocks: &[usize],
+    width: usize,
+    channels: usize,
+    classes: usize,
+    size: usize,
+    imagenet_stem: bool,
+) -> ArchSpec {
+    let mut b = SpecBuilder::new(name, vec![channels, size, size]);
+    if imagenet_stem {
+        b.conv("conv1", &[], channels, width, 7, 2, 3, false);
+    } else {
+        b.conv("conv1", &[], channels, width, 3, 1, 1, false);
+    }
+    b.batch_norm("bn1", width).relu(Some("relu"));
+    let mut last = "relu".to_string();
+    if imagenet_stem {
+        b.node(
+            Some("maxpool"),
+            &[],
+            Op::MaxPool2d {
+                kernel: 3,
+                stride: Some(2),
+                padding: 1,
+            },
+        );
+        last = "maxpool".to_string();
+    }
+    let mut c_in = width;
+    for (stage, &count) in blocks.iter().enumerate() {
+        let c_out = width << stage;
+        for block in 0..count {
+            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
+            let p = format!("layer{}.{block}", stage + 1);
+            b.conv(&format!("{p}.conv1"), &[&last], c_in, c_out, 3, stride, 1, false)
+                .batch_norm(&format!("{p}.bn1"), c_out)
+                .relu(None)
+                .conv(&format!("{p}.conv2"), &[], c_out, c_out, 3, 1, 1, false)
+                .batch_norm(&format!("{p}.bn2"), c_out);
+            let shortcut = if stride != 1 || c_in != c_out {
+                b.conv(&format!("{p}.downsample.0"), &[&last], c_in, c_out, 1, stride, 0, false)
+                    .batch_norm(&format!("{p}.downsample.1"), c_out);
+                format!("{p}.downsample.1")
+            } else {
+                last.clone()
+            };
+            b.node(
+                Some(&format!("{p}.add")),
+                &[&format!("{p}.bn2"), &shortcut],
+                Op::Add {},
+            )
+            .relu(Some(&format!("{p}.out")));
+            last = format!("{p}.out");
+            c_in = c_out;
+        }
+    }
+    b.node(Some("avgpool"), &[], Op::AdaptiveAvgPool2d { output: 1 })
+        .flatten()
+        .linear("fc", c_in, classes, true);
+    b.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Architecture;
+
+    #[test]
+    fn every_preset_validates() {
+        for (name, _) in PRESETS {
+            let a = Architecture::new(preset(name).unwrap()).unwrap();
+            assert!(!a.params().is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn resnet18_has_torchvision_parameters() {
+        let a = Architecture::new(preset("resnet18").unwrap()).unwrap();
+        // torchvision's resnet18 with a 10-class head and a 3x3 stem.
+        assert_eq!(a.parameter_count(), 11_173_962);
+        let names: Vec<String> = a.params().into_iter().map(|p| p.name).collect();
+        assert!(names.contains(&"layer4.1.bn2.running_var".to_string()));
+        assert!(names.contains(&"layer3.0.downsample.0.weight".to_string()));
+        let imagenet = Architecture::new(
+            preset("resnet18:stem=imagenet,size=224,classes=1000").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(imagenet.parameter_count(), 11_689_512);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let a = Architecture::new(preset("mlp:input=3072,hidden=64,depth=2,bias=true").unwrap())
+            .unwrap();
+        assert_eq!(a.parameter_count(), 3072 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10);
+        let err = preset("mlp:hiden=3").unwrap_err().to_string();
+        assert!(err.contains("hiden"), "{err}");
+        let err = preset("mlp:hidden=zero").unwrap_err().to_string();
+        assert!(err.contains("hidden=zero"), "{err}");
+        let err = preset("alexnet").unwrap_err().to_string();
+        assert!(err.contains("alexnet") && err.contains("resnet18"), "{err}");
+    }
+}

