@@ -1,1 +1,3 @@
-fn main(){ println!("cuda {}", tch::Cuda::is_available()); }
+fn main() {
+    println!("cuda {}", tch::Cuda::is_available());
+}

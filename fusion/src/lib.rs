@@ -3,7 +3,16 @@
 //! around this crate.
 
 pub mod arch;
+pub mod assemble;
+pub mod checkpoint;
+pub mod coupling;
 mod error;
+pub mod guard;
+pub mod methods;
+pub mod model;
+mod parallel;
 pub mod state;
+pub mod transplant;
 
 pub use error::{FusionError, Result};
+pub use methods::{fuse, FuseOptions, FuseReport, Fused, Method};

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use memmap2::Mmap;
+/// Bytes a checkpoint's tensors can borrow from: a memory map or a downloaded buffer.
+pub type Backing = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// Element types a checkpoint may hold: float weights and the integer
 /// `num_batches_tracked` counters of BatchNorm layers.
@@ -29,7 +30,7 @@ impl std::fmt::Display for DType {
 enum F32Data {
     Owned(Arc<Vec<f32>>),
     Mapped {
-        map: Arc<Mmap>,
+        map: Backing,
         offset: usize,
         len: usize,
     },
@@ -88,9 +89,11 @@ impl HostTensor {
 
     /// A float tensor borrowing `len` floats at byte `offset` of `map`.
     /// Returns `None` when the window is misaligned or out of bounds.
-    pub(crate) fn mapped(shape: Vec<usize>, map: Arc<Mmap>, offset: usize) -> Option<Self> {
+    pub(crate) fn mapped(shape: Vec<usize>, map: Backing, offset: usize) -> Option<Self> {
         let len: usize = shape.iter().product();
-        let bytes = map.get(offset..offset.checked_add(len.checked_mul(4)?)?)?;
+        let bytes = (*map)
+            .as_ref()
+            .get(offset..offset.checked_add(len.checked_mul(4)?)?)?;
         bytemuck::try_cast_slice::<u8, f32>(bytes).ok()?;
         Some(HostTensor {
             shape,
@@ -119,7 +122,7 @@ impl HostTensor {
             Data::F32(F32Data::Owned(v)) => Some(v.as_slice()),
             Data::F32(F32Data::Mapped { map, offset, len }) => {
                 // Alignment and bounds were checked in `mapped`.
-                bytemuck::try_cast_slice(&map[*offset..*offset + len * 4]).ok()
+                bytemuck::try_cast_slice(&(**map).as_ref()[*offset..*offset + len * 4]).ok()
             }
             Data::I64(_) => None,
         }
@@ -137,7 +140,9 @@ impl HostTensor {
     pub fn bytes(&self) -> &[u8] {
         match &self.data {
             Data::F32(F32Data::Owned(v)) => bytemuck::cast_slice(v.as_slice()),
-            Data::F32(F32Data::Mapped { map, offset, len }) => &map[*offset..*offset + len * 4],
+            Data::F32(F32Data::Mapped { map, offset, len }) => {
+                &(**map).as_ref()[*offset..*offset + len * 4]
+            }
             Data::I64(v) => bytemuck::cast_slice(v),
         }
     }
@@ -155,7 +160,10 @@ impl HostTensor {
     /// Copies a libtorch tensor (any device, float or int64) to the host.
     pub fn from_tch(t: &tch::Tensor) -> crate::Result<Self> {
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let flat = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?.f_flatten(0, -1)?;
+        let flat = t
+            .f_to_device(tch::Device::Cpu)?
+            .f_contiguous()?
+            .f_flatten(0, -1)?;
         match t.kind() {
             tch::Kind::Int64 => Ok(Self::i64(shape, Vec::<i64>::try_from(&flat)?)),
             _ => {

@@ -91,8 +91,7 @@ impl Architecture {
                 spec.format
             )));
         }
-        if spec.input.is_empty() || spec.input.contains(&0) || ![1, 3].contains(&spec.input.len())
-        {
+        if spec.input.is_empty() || spec.input.contains(&0) || ![1, 3].contains(&spec.input.len()) {
             return Err(FusionError::spec(format!(
                 "`input` must be [features] or [channels, height, width] with non-zero sizes, got {:?}",
                 spec.input
@@ -112,7 +111,9 @@ impl Architecture {
         let output = match &spec.output {
             None => spec.nodes.len() - 1,
             Some(name) => *index.get(name.as_str()).ok_or_else(|| {
-                FusionError::spec(format!("`output` names node `{name}`, which does not exist"))
+                FusionError::spec(format!(
+                    "`output` names node `{name}`, which does not exist"
+                ))
             })?,
         };
         check_all_used(&names, &inputs, output)?;
@@ -128,8 +129,9 @@ impl Architecture {
                     Source::Node(j) => &shapes[*j],
                 })
                 .collect();
-            let out = infer_shape(&node.op, &in_shapes)
-                .map_err(|e| FusionError::spec(format!("node `{}` ({}): {e}", names[i], node.op.kind())))?;
+            let out = infer_shape(&node.op, &in_shapes).map_err(|e| {
+                FusionError::spec(format!("node `{}` ({}): {e}", names[i], node.op.kind()))
+            })?;
             let in_shape = in_shapes[0].clone();
             shapes[i] = out.clone();
             nodes[i] = Some(Node {
@@ -206,7 +208,11 @@ impl Architecture {
                     out_features,
                     bias,
                 } => {
-                    push(ParamRole::Weight, vec![out_features, in_features], DType::F32);
+                    push(
+                        ParamRole::Weight,
+                        vec![out_features, in_features],
+                        DType::F32,
+                    );
                     if bias {
                         push(ParamRole::Bias, vec![out_features], DType::F32);
                     }
@@ -256,7 +262,10 @@ fn node_names(nodes: &[NodeSpec]) -> Result<Vec<String>> {
     for (i, node) in nodes.iter().enumerate() {
         let name = match &node.name {
             Some(n) => {
-                if n.is_empty() || n == "input" || n.starts_with('#') || n.contains(char::is_whitespace)
+                if n.is_empty()
+                    || n == "input"
+                    || n.starts_with('#')
+                    || n.contains(char::is_whitespace)
                 {
                     return Err(FusionError::spec(format!(
                         "node {i}: `{n}` cannot be a node name (empty, `input`, leading `#` and spaces are reserved)"
@@ -290,7 +299,11 @@ fn resolve_inputs(
     let mut all = Vec::with_capacity(nodes.len());
     for (i, node) in nodes.iter().enumerate() {
         let sources: Vec<Source> = if node.input.is_empty() {
-            vec![if i == 0 { Source::Input } else { Source::Node(i - 1) }]
+            vec![if i == 0 {
+                Source::Input
+            } else {
+                Source::Node(i - 1)
+            }]
         } else {
             node.input
                 .iter()
@@ -298,12 +311,15 @@ fn resolve_inputs(
                     if n == "input" {
                         Ok(Source::Input)
                     } else {
-                        index.get(n.as_str()).map(|&j| Source::Node(j)).ok_or_else(|| {
-                            FusionError::spec(format!(
-                                "node `{}` reads `{n}`, which is not a node name",
-                                names[i]
-                            ))
-                        })
+                        index
+                            .get(n.as_str())
+                            .map(|&j| Source::Node(j))
+                            .ok_or_else(|| {
+                                FusionError::spec(format!(
+                                    "node `{}` reads `{n}`, which is not a node name",
+                                    names[i]
+                                ))
+                            })
                     }
                 })
                 .collect::<Result<_>>()?
@@ -317,7 +333,11 @@ fn resolve_inputs(
                 "node `{}` ({}) takes {} but has {} input(s)",
                 names[i],
                 node.op.kind(),
-                if matches!(node.op, Op::Add {}) { "two or more inputs" } else { "one input" },
+                if matches!(node.op, Op::Add {}) {
+                    "two or more inputs"
+                } else {
+                    "one input"
+                },
                 sources.len()
             )));
         }
@@ -341,7 +361,8 @@ fn topological_order(names: &[String], inputs: &[Vec<Source>]) -> Result<Vec<usi
             }
         }
     }
-    let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| pending[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(i) = ready.pop_first() {
         order.push(i);
@@ -411,7 +432,9 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
     let spatial = |what: &str| -> Result<(usize, usize, usize), String> {
         match x.as_slice() {
             [c, h, w] => Ok((*c, *h, *w)),
-            _ => Err(format!("{what} needs a [channels, height, width] input, got {x:?}")),
+            _ => Err(format!(
+                "{what} needs a [channels, height, width] input, got {x:?}"
+            )),
         }
     };
     match *op {
@@ -426,7 +449,11 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
             if x.as_slice() != [in_features] {
                 return Err(format!(
                     "expects [{in_features}] input features but receives {x:?}{}",
-                    if x.len() > 1 { " (add a flatten node)" } else { "" }
+                    if x.len() > 1 {
+                        " (add a flatten node)"
+                    } else {
+                        ""
+                    }
                 ));
             }
             Ok(vec![out_features])
@@ -454,8 +481,14 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
                 pooled(w, kernel, stride, padding)?,
             ])
         }
-        Op::BatchNorm { features, eps, momentum } => {
-            if !(eps > 0.0) || !(0.0..=1.0).contains(&momentum) {
+        Op::BatchNorm {
+            features,
+            eps,
+            momentum,
+        } => {
+            if eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+                || !(0.0..=1.0).contains(&momentum)
+            {
                 return Err(format!(
                     "eps must be positive and momentum in [0, 1], got eps {eps}, momentum {momentum}"
                 ));
@@ -489,7 +522,11 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
                 ));
             }
             let s = stride.unwrap_or(kernel);
-            Ok(vec![c, pooled(h, kernel, s, padding)?, pooled(w, kernel, s, padding)?])
+            Ok(vec![
+                c,
+                pooled(h, kernel, s, padding)?,
+                pooled(w, kernel, s, padding)?,
+            ])
         }
         Op::AdaptiveAvgPool2d { output } => {
             let (c, h, w) = spatial("adaptive_avg_pool2d")?;
@@ -554,7 +591,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("cycle") && err.contains('a') && err.contains('b'), "{err}");
+        assert!(
+            err.contains("cycle") && err.contains('a') && err.contains('b'),
+            "{err}"
+        );
     }
 
     #[test]

@@ -57,7 +57,11 @@ pub fn preset(text: &str) -> Result<ArchSpec> {
         _ => {
             return Err(FusionError::UnknownPreset {
                 name: name.to_string(),
-                known: PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+                known: PRESETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
         }
     };
@@ -126,7 +130,11 @@ impl Options {
                     .map(|p| p.trim().parse::<usize>().ok().filter(|n| *n > 0))
                     .collect();
                 parsed.ok_or_else(|| {
-                    self.bad(key, &v, &format!("a list of positive integers separated by `{sep}`"))
+                    self.bad(
+                        key,
+                        &v,
+                        &format!("a list of positive integers separated by `{sep}`"),
+                    )
                 })
             }
         }
@@ -237,7 +245,8 @@ impl SpecBuilder {
             &[],
             Op::MaxPool2d {
                 kernel,
-                stride: Some(stride),
+                // Written out only when it differs from PyTorch's default.
+                stride: (stride != kernel).then_some(stride),
                 padding,
             },
         )
@@ -269,7 +278,13 @@ fn mlp(o: &mut Options) -> Result<ArchSpec> {
 
 /// Flatten, then `depth` hidden Linear+ReLU layers of `hidden` units and a
 /// Linear output layer, named fc1..fc{depth+1} as in the paper's code.
-pub fn mlp_spec(input: &[usize], hidden: usize, depth: usize, classes: usize, bias: bool) -> ArchSpec {
+pub fn mlp_spec(
+    input: &[usize],
+    hidden: usize,
+    depth: usize,
+    classes: usize,
+    bias: bool,
+) -> ArchSpec {
     let mut b = SpecBuilder::new("mlp", input.to_vec());
     b.flatten();
     let mut width = input.iter().product();
@@ -338,7 +353,16 @@ fn vgg11(o: &mut Options, batch_norm: bool) -> Result<ArchSpec> {
             continue;
         }
         let c_out = m * width;
-        b.conv(&format!("features.{index}"), &[], c_in, c_out, 3, 1, 1, bias);
+        b.conv(
+            &format!("features.{index}"),
+            &[],
+            c_in,
+            c_out,
+            3,
+            1,
+            1,
+            bias,
+        );
         index += 1;
         if batch_norm {
             b.batch_norm(&format!("features.{index}"), c_out);
@@ -362,7 +386,15 @@ fn resnet(o: &mut Options, name: &str, fixed_blocks: Option<Vec<usize>>) -> Resu
     let classes = o.usize("classes", 10)?;
     let size = o.usize("size", 32)?;
     let stem = o.choice("stem", &["cifar", "imagenet"])?;
-    Ok(resnet_spec(name, &blocks, width, channels, classes, size, stem == "imagenet"))
+    Ok(resnet_spec(
+        name,
+        &blocks,
+        width,
+        channels,
+        classes,
+        size,
+        stem == "imagenet",
+    ))
 }
 
 /// A torchvision-style ResNet of BasicBlocks: stage i has `blocks[i]` blocks
@@ -403,14 +435,32 @@ pub fn resnet_spec(
         for block in 0..count {
             let stride = if stage > 0 && block == 0 { 2 } else { 1 };
             let p = format!("layer{}.{block}", stage + 1);
-            b.conv(&format!("{p}.conv1"), &[&last], c_in, c_out, 3, stride, 1, false)
-                .batch_norm(&format!("{p}.bn1"), c_out)
-                .relu(None)
-                .conv(&format!("{p}.conv2"), &[], c_out, c_out, 3, 1, 1, false)
-                .batch_norm(&format!("{p}.bn2"), c_out);
+            b.conv(
+                &format!("{p}.conv1"),
+                &[&last],
+                c_in,
+                c_out,
+                3,
+                stride,
+                1,
+                false,
+            )
+            .batch_norm(&format!("{p}.bn1"), c_out)
+            .relu(None)
+            .conv(&format!("{p}.conv2"), &[], c_out, c_out, 3, 1, 1, false)
+            .batch_norm(&format!("{p}.bn2"), c_out);
             let shortcut = if stride != 1 || c_in != c_out {
-                b.conv(&format!("{p}.downsample.0"), &[&last], c_in, c_out, 1, stride, 0, false)
-                    .batch_norm(&format!("{p}.downsample.1"), c_out);
+                b.conv(
+                    &format!("{p}.downsample.0"),
+                    &[&last],
+                    c_in,
+                    c_out,
+                    1,
+                    stride,
+                    0,
+                    false,
+                )
+                .batch_norm(&format!("{p}.downsample.1"), c_out);
                 format!("{p}.downsample.1")
             } else {
                 last.clone()
@@ -452,10 +502,9 @@ mod tests {
         let names: Vec<String> = a.params().into_iter().map(|p| p.name).collect();
         assert!(names.contains(&"layer4.1.bn2.running_var".to_string()));
         assert!(names.contains(&"layer3.0.downsample.0.weight".to_string()));
-        let imagenet = Architecture::new(
-            preset("resnet18:stem=imagenet,size=224,classes=1000").unwrap(),
-        )
-        .unwrap();
+        let imagenet =
+            Architecture::new(preset("resnet18:stem=imagenet,size=224,classes=1000").unwrap())
+                .unwrap();
         assert_eq!(imagenet.parameter_count(), 11_689_512);
     }
 
@@ -463,7 +512,10 @@ mod tests {
     fn options_are_checked() {
         let a = Architecture::new(preset("mlp:input=3072,hidden=64,depth=2,bias=true").unwrap())
             .unwrap();
-        assert_eq!(a.parameter_count(), 3072 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10);
+        assert_eq!(
+            a.parameter_count(),
+            3072 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+        );
         let err = preset("mlp:hiden=3").unwrap_err().to_string();
         assert!(err.contains("hiden"), "{err}");
         let err = preset("mlp:hidden=zero").unwrap_err().to_string();

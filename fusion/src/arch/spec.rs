@@ -111,7 +111,9 @@ pub enum Op {
     /// Element-wise sum of two or more inputs of one shape (residual connections).
     Add {},
     /// Dropout with probability `p` during training; identity in evaluation.
-    Dropout { p: f64 },
+    Dropout {
+        p: f64,
+    },
 }
 
 impl Op {
@@ -160,7 +162,11 @@ impl Serialize for NodeSpec {
         }
         match serde_json::to_value(&self.op).map_err(serde::ser::Error::custom)? {
             Value::Object(fields) => map.extend(fields),
-            _ => return Err(serde::ser::Error::custom("op did not serialize to an object")),
+            _ => {
+                return Err(serde::ser::Error::custom(
+                    "op did not serialize to an object",
+                ))
+            }
         }
         Value::Object(map).serialize(serializer)
     }
@@ -171,7 +177,11 @@ impl<'de> Deserialize<'de> for NodeSpec {
         use serde::de::Error;
         let mut map = match Value::deserialize(deserializer)? {
             Value::Object(map) => map,
-            other => return Err(D::Error::custom(format!("a node must be an object, got {other}"))),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "a node must be an object, got {other}"
+                )))
+            }
         };
         let name = match map.remove("name") {
             None | Some(Value::Null) => None,
