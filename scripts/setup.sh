@@ -21,11 +21,16 @@ as_root() {
   fi
 }
 
-if [ ! -f "$NT_FASHION_MNIST/train-images-idx3-ubyte.gz" ] && [ ! -f "$NT_FASHION_MNIST/train-images-idx3-ubyte" ]; then
-  echo "setup: installing the Debian package dataset-fashion-mnist"
-  as_root apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || {
+# Debian packages: the embedded data set, and GNU time for the benchmarks' peak memory.
+missing=()
+[ -f "$NT_FASHION_MNIST/train-images-idx3-ubyte.gz" ] || [ -f "$NT_FASHION_MNIST/train-images-idx3-ubyte" ] ||
+  missing+=(dataset-fashion-mnist)
+[ -x /usr/bin/time ] || missing+=(time)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  as_root apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || {
     as_root apt-get update -q >/dev/null
-    as_root apt-get install -y -q dataset-fashion-mnist >/dev/null
+    as_root apt-get install -y -q "${missing[@]}" >/dev/null
   }
 fi
 

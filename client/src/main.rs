@@ -1,3 +1,50 @@
+//! `ntctl`: the command line of nt. Offline verbs (`fuse`, `arch`) work on
+//! local files without any server.
+
+mod cmd;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+use output::OutputFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "ntctl",
+    version,
+    about = "Neuron Transplantation: fuse ensembles into one model"
+)]
+struct Cli {
+    /// Output format: human-readable text or JSON for scripts.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "NT_OUTPUT"
+    )]
+    output: OutputFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fuse member checkpoints into one model (offline, no server).
+    Fuse(cmd::fuse::FuseArgs),
+    /// List the architecture presets or print one as a spec file.
+    Arch(cmd::arch::ArchArgs),
+}
+
 fn main() {
-    println!("cuda {}", tch::Cuda::is_available());
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fuse(args) => cmd::fuse::run(args, cli.output),
+        Command::Arch(args) => cmd::arch::run(args, cli.output),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

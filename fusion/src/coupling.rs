@@ -62,6 +62,34 @@ pub struct Coupling {
     ports: Vec<Option<Ports>>,
     /// Per node: the group a BatchNorm normalises.
     norm_group: Vec<Option<GroupId>>,
+    /// Hidden groups, output side first (see `prune_order`).
+    prune_order: Vec<GroupId>,
+}
+
+/// Nodes in the order a depth-first walk with a stack discovers them,
+/// starting at the output and following inputs in operand order (the walk
+/// torch-pruning's dependency graph makes over autograd's graph).
+fn discovery_order(arch: &Architecture) -> Vec<usize> {
+    let nodes = arch.nodes();
+    let mut discovered = vec![false; nodes.len()];
+    let mut visited = vec![false; nodes.len()];
+    let mut order = vec![arch.output()];
+    discovered[arch.output()] = true;
+    let mut stack = vec![arch.output()];
+    while let Some(n) = stack.pop() {
+        if std::mem::replace(&mut visited[n], true) {
+            continue;
+        }
+        for s in &nodes[n].inputs {
+            if let Source::Node(j) = *s {
+                if !std::mem::replace(&mut discovered[j], true) {
+                    order.push(j);
+                }
+                stack.push(j);
+            }
+        }
+    }
+    order
 }
 
 /// Disjoint sets over provisional group ids.
@@ -220,10 +248,19 @@ impl Coupling {
                 norm_group[i] = Some(id);
             }
         }
+        let mut prune_order = Vec::new();
+        for n in discovery_order(arch) {
+            if let Some(p) = ports[n] {
+                if groups[p.output].kind == GroupKind::Hidden && !prune_order.contains(&p.output) {
+                    prune_order.push(p.output);
+                }
+            }
+        }
         Ok(Coupling {
             groups,
             ports,
             norm_group,
+            prune_order,
         })
     }
 
@@ -246,26 +283,12 @@ impl Coupling {
     }
 
     /// Hidden groups in pruning order: from the output side toward the input,
-    /// by the position of the last layer that writes or normalises them
-    /// (PyTorch module order, as the reference pruner walks it).
+    /// in the order the reference pruner meets them. It walks the autograd
+    /// graph depth-first from the output with a stack, discovering a node's
+    /// inputs in operand order and descending into the last one first, and
+    /// prunes each group when it first discovers one of its writing layers.
     pub fn prune_order(&self) -> Vec<GroupId> {
-        let mut hidden: Vec<(usize, GroupId)> = self
-            .groups
-            .iter()
-            .filter(|g| g.kind == GroupKind::Hidden)
-            .map(|g| {
-                let key = g
-                    .producers
-                    .iter()
-                    .chain(&g.norms)
-                    .copied()
-                    .max()
-                    .unwrap_or(0);
-                (key, g.id)
-            })
-            .collect();
-        hidden.sort_by(|a, b| b.cmp(a));
-        hidden.into_iter().map(|(_, g)| g).collect()
+        self.prune_order.clone()
     }
 
     /// A short label for a group: the layers that write it.
@@ -367,13 +390,15 @@ mod tests {
     #[test]
     fn resnet_residual_streams_are_one_group_each() {
         let (a, c) = coupling("resnet:blocks=1-1,width=8,size=8");
+        // Depth-first from the output, the identity/downsample branch of each
+        // addition is walked first: both streams, then the inner channels.
         assert_eq!(
             labels(&a, &c),
             [
                 "layer2.0.conv2+layer2.0.downsample.0",
-                "layer2.0.conv1",
                 "conv1+layer1.0.conv2",
-                "layer1.0.conv1"
+                "layer1.0.conv1",
+                "layer2.0.conv1"
             ]
         );
         let (_, c18) = coupling("resnet18");

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod assemble;
 pub mod checkpoint;
 pub mod coupling;
+pub mod device;
 mod error;
 pub mod guard;
 pub mod methods;

@@ -67,19 +67,22 @@ where
     })
 }
 
-/// Sum of squares with several accumulators, so the compiler vectorises it.
-pub fn sum_squares(xs: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
+/// Sum of squares in f64 (the square of an f32 is exact in f64), with
+/// several accumulators so the compiler vectorises it. Summing in f32 loses
+/// enough precision to flip near-ties in NT's ranking on wide layers.
+pub fn sum_squares(xs: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
     let chunks = xs.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, x) in acc.iter_mut().zip(c) {
+            let x = f64::from(*x);
             *a += x * x;
         }
     }
-    let mut total: f32 = acc.iter().sum();
+    let mut total: f64 = acc.iter().sum();
     for x in rest {
-        total += x * x;
+        total += f64::from(*x) * f64::from(*x);
     }
     total
 }
@@ -101,6 +104,9 @@ mod tests {
         let parts = map_ranges(1000, 1000, |r| r.sum::<usize>());
         assert_eq!(parts.iter().sum::<usize>(), 999 * 1000 / 2);
         let xs: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        assert_eq!(sum_squares(&xs), xs.iter().map(|x| x * x).sum::<f32>());
+        assert_eq!(
+            sum_squares(&xs),
+            xs.iter().map(|x| f64::from(x * x)).sum::<f64>()
+        );
     }
 }

@@ -69,10 +69,10 @@ pub fn importance(
                 rows.map(|c| {
                     let row = &w[c * row_len..(c + 1) * row_len];
                     match &kept_inputs {
-                        None => sum_squares(row) as f64,
+                        None => sum_squares(row),
                         Some(cols) => cols
                             .iter()
-                            .map(|&cj| sum_squares(&row[cj * inner..(cj + 1) * inner]) as f64)
+                            .map(|&cj| sum_squares(&row[cj * inner..(cj + 1) * inner]))
                             .sum(),
                     }
                 })
@@ -101,11 +101,12 @@ pub fn importance(
             };
             let (row_len, inner) = (view.row_len(), view.inner);
             let parts = map_ranges(rows.len(), row_len, |range| {
-                let mut part = vec![0.0f32; width];
+                let mut part = vec![0.0f64; width];
                 for &r in &rows[range] {
                     let row = &w[r * row_len..(r + 1) * row_len];
                     if inner == 1 {
                         for (a, x) in part.iter_mut().zip(row) {
+                            let x = f64::from(*x);
                             *a += x * x;
                         }
                     } else {
@@ -118,7 +119,7 @@ pub fn importance(
             });
             for part in parts {
                 for (a, v) in acc.iter_mut().zip(part) {
-                    *a += v as f64 * scale;
+                    *a += v * scale;
                 }
             }
         }

@@ -1,0 +1,2 @@
+pub mod arch;
+pub mod fuse;
