@@ -19,6 +19,10 @@ pub enum FusionError {
     #[error("checkpoint {source_name}: {reason}")]
     Checkpoint { source_name: String, reason: String },
 
+    /// A data set that cannot be read: missing, malformed or truncated files.
+    #[error("data: {0}")]
+    Data(String),
+
     /// Members that cannot be fused together.
     #[error("members: {0}")]
     Members(String),

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod assemble;
 pub mod checkpoint;
 pub mod coupling;
+pub mod data;
 pub mod device;
 mod error;
 pub mod guard;
@@ -13,6 +14,7 @@ pub mod methods;
 pub mod model;
 mod parallel;
 pub mod state;
+pub mod train;
 pub mod transplant;
 
 pub use error::{FusionError, Result};

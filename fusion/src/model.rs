@@ -9,6 +9,16 @@ use crate::checkpoint;
 use crate::state::{DType, HostTensor, StateDict};
 use crate::{FusionError, Result};
 
+/// The precision of Linear and conv layers. `Bf16` computes them in
+/// bfloat16 from float32 master weights (what autocast does), BatchNorm and
+/// the logits stay float32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
 /// One parameter or buffer of the network.
 pub struct Param {
     pub spec: ParamSpec,
@@ -177,7 +187,25 @@ impl Network {
     /// The forward pass. In training mode BatchNorm uses batch statistics and
     /// updates its running statistics and counter; dropout is active.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, train, Precision::F32)
+    }
+
+    /// The forward pass at a chosen precision.
+    pub fn forward_with(&self, x: &Tensor, train: bool, precision: Precision) -> Result<Tensor> {
         let x = self.shape_input(x)?;
+        let low = |t: &Tensor| -> Result<Tensor> {
+            Ok(match precision {
+                Precision::F32 => t.shallow_clone(),
+                Precision::Bf16 => t.f_to_kind(Kind::BFloat16)?,
+            })
+        };
+        let low_opt = |t: Option<&Tensor>| -> Result<Option<Tensor>> { t.map(low).transpose() };
+        let full = |t: Tensor| -> Result<Tensor> {
+            Ok(match precision {
+                Precision::F32 => t,
+                Precision::Bf16 => t.f_to_kind(Kind::Float)?,
+            })
+        };
         let nodes = self.arch.nodes();
         let mut outs: Vec<Option<Tensor>> = (0..nodes.len()).map(|_| None).collect();
         for (pos, &i) in self.arch.order().iter().enumerate() {
@@ -205,9 +233,9 @@ impl Network {
                     stride, padding, ..
                 } => {
                     let (s, p) = (stride as i64, padding as i64);
-                    a.f_conv2d(
-                        self.need(i, ParamRole::Weight)?,
-                        self.slot(i, ParamRole::Bias),
+                    low(&a)?.f_conv2d(
+                        &low(self.need(i, ParamRole::Weight)?)?,
+                        low_opt(self.slot(i, ParamRole::Bias))?,
                         [s, s],
                         [p, p],
                         [1, 1],
@@ -216,7 +244,7 @@ impl Network {
                 }
                 Op::BatchNorm { eps, momentum, .. } => {
                     let y = Tensor::f_batch_norm(
-                        &a,
+                        &full(a)?,
                         Some(self.need(i, ParamRole::NormWeight)?),
                         Some(self.need(i, ParamRole::NormBias)?),
                         Some(self.need(i, ParamRole::RunningMean)?),
@@ -283,9 +311,11 @@ impl Network {
                 }
             }
         }
-        outs[self.arch.output()]
-            .take()
-            .ok_or_else(|| FusionError::spec("the output node was not computed"))
+        full(
+            outs[self.arch.output()]
+                .take()
+                .ok_or_else(|| FusionError::spec("the output node was not computed"))?,
+        )
     }
 
     /// Evaluation-mode forward pass without gradients.

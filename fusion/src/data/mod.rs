@@ -1,0 +1,426 @@
+//! Data sets, read from a local folder (or bytes fetched from an object-store
+//! prefix by the caller), never downloaded: the MNIST family in IDX format,
+//! CIFAR-10/100 binary batches, and a seeded synthetic set for tests.
+
+mod device;
+mod formats;
+mod synthetic;
+
+use serde::{Deserialize, Serialize};
+
+pub use device::{Augment, Batches, DeviceSet, Normalization};
+pub use formats::{cifar_batch, idx_images, maybe_gunzip, parse_idx, ImageSet};
+pub use synthetic::SyntheticSpec;
+
+use crate::{FusionError, Result};
+
+/// Where Debian's `dataset-fashion-mnist` package puts Fashion-MNIST.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Which data set, where, and how to split and augment it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `fashion-mnist`, `mnist`, `kmnist`, `emnist-<split>` (e.g. `emnist-balanced`),
+    /// `cifar10`, `cifar100` or `synthetic`.
+    pub dataset: String,
+    /// Folder (or, for the worker, object-store prefix) holding the files.
+    /// Defaults to the Debian package's folder for `fashion-mnist`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Fraction of the training set held out for validation (seeded split).
+    #[serde(default)]
+    pub validation: f64,
+    /// Seed of the train/validation split and of the subsets.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// Use only this many training samples (a seeded random subset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_subset: Option<usize>,
+    /// Use only this many test samples (a seeded random subset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_subset: Option<usize>,
+    /// Augmentation of training batches.
+    #[serde(default)]
+    pub augment: Augment,
+    /// Parameters of the synthetic set (only for `synthetic`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticSpec>,
+}
+
+impl DataSpec {
+    /// The embedded default: Fashion-MNIST from the Debian package.
+    pub fn fashion_mnist() -> Self {
+        DataSpec::named("fashion-mnist")
+    }
+
+    pub fn named(dataset: &str) -> Self {
+        DataSpec {
+            dataset: dataset.to_string(),
+            path: None,
+            validation: 0.0,
+            split_seed: 0,
+            train_subset: None,
+            test_subset: None,
+            augment: Augment::default(),
+            synthetic: None,
+        }
+    }
+
+    /// Parses the CLI form `name[:folder]`, e.g. `fashion-mnist` or `cifar10:/data/cifar`.
+    pub fn parse_short(text: &str) -> Self {
+        match text.split_once(':') {
+            Some((name, path)) => DataSpec {
+                path: Some(path.to_string()),
+                ..DataSpec::named(name)
+            },
+            None => DataSpec::named(text),
+        }
+    }
+
+    /// The folder or prefix files are read from.
+    pub fn location(&self) -> Option<String> {
+        self.path.clone().or_else(|| {
+            (self.dataset == "fashion-mnist").then(|| {
+                std::env::var("NT_FASHION_MNIST").unwrap_or_else(|_| FASHION_MNIST_DIR.to_string())
+            })
+        })
+    }
+
+    /// The files this data set reads, relative to its location (IDX files
+    /// may also be stored gzipped, with a `.gz` suffix).
+    pub fn files(&self) -> Result<DataFiles> {
+        let idx = |prefix: &str, transpose: bool| DataFiles::Idx {
+            train_images: format!("{prefix}train-images-idx3-ubyte"),
+            train_labels: format!("{prefix}train-labels-idx1-ubyte"),
+            test_images: format!("{prefix}t10k-images-idx3-ubyte"),
+            test_labels: format!("{prefix}t10k-labels-idx1-ubyte"),
+            transpose,
+        };
+        Ok(match self.dataset.as_str() {
+            "fashion-mnist" | "mnist" | "kmnist" => idx("", false),
+            name if name.starts_with("emnist-") => {
+                let split = &name["emnist-".len()..];
+                let mut files = idx(&format!("emnist-{split}-"), true);
+                if let DataFiles::Idx {
+                    test_images,
+                    test_labels,
+                    ..
+                } = &mut files
+                {
+                    *test_images = format!("emnist-{split}-test-images-idx3-ubyte");
+                    *test_labels = format!("emnist-{split}-test-labels-idx1-ubyte");
+                }
+                files
+            }
+            "cifar10" => DataFiles::Cifar {
+                train: (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+                test: vec!["test_batch.bin".into()],
+                label_bytes: 1,
+            },
+            "cifar100" => DataFiles::Cifar {
+                train: vec!["train.bin".into()],
+                test: vec!["test.bin".into()],
+                label_bytes: 2,
+            },
+            "synthetic" => DataFiles::Synthetic,
+            other => {
+                return Err(FusionError::Data(format!(
+                    "unknown data set `{other}` (known: fashion-mnist, mnist, kmnist, emnist-<split>, cifar10, cifar100, synthetic)"
+                )))
+            }
+        })
+    }
+}
+
+/// The files of a data set.
+#[derive(Clone, Debug)]
+pub enum DataFiles {
+    Idx {
+        train_images: String,
+        train_labels: String,
+        test_images: String,
+        test_labels: String,
+        transpose: bool,
+    },
+    Cifar {
+        train: Vec<String>,
+        test: Vec<String>,
+        label_bytes: usize,
+    },
+    Synthetic,
+}
+
+/// Reads a data set's files by name: a local folder here, an object-store
+/// prefix in the worker. `Ok(None)` means the file does not exist.
+pub trait FileSource {
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Where the files come from, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Files in a local folder.
+pub struct LocalDir(pub std::path::PathBuf);
+
+impl FileSource for LocalDir {
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.0.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FusionError::io(path, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+/// A training set, an optional validation set and a test set, as pixels.
+#[derive(Clone, Debug)]
+pub struct Splits {
+    pub name: String,
+    pub train: ImageSet,
+    pub valid: Option<ImageSet>,
+    pub test: ImageSet,
+    pub classes: usize,
+}
+
+fn read_file(source: &dyn FileSource, name: &str) -> Result<Vec<u8>> {
+    let gz = format!("{name}.gz");
+    for candidate in [gz.as_str(), name] {
+        if let Some(bytes) = source.read(candidate)? {
+            return maybe_gunzip(&format!("{}/{candidate}", source.describe()), bytes);
+        }
+    }
+    Err(FusionError::Data(format!(
+        "{}: neither {name} nor {name}.gz exists",
+        source.describe()
+    )))
+}
+
+/// Per-channel mean and standard deviation of a (training) set.
+pub fn normalization(set: &ImageSet) -> Normalization {
+    Normalization::of(set)
+}
+
+/// A seeded permutation of `0..n` (SplitMix64 and Fisher-Yates).
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(seed);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+/// A small, seedable generator for data order and synthetic data.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Loads a data set from `source` (ignored for `synthetic`) and splits it.
+pub fn load(spec: &DataSpec, source: &dyn FileSource) -> Result<Splits> {
+    if !(0.0..1.0).contains(&spec.validation) {
+        return Err(FusionError::Data(format!(
+            "validation fraction must be in [0, 1), got {}",
+            spec.validation
+        )));
+    }
+    let (train, test) = match spec.files()? {
+        DataFiles::Idx {
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            transpose,
+        } => {
+            let describe = |n: &str| format!("{}/{n}", source.describe());
+            let train = idx_images(
+                &describe(&train_images),
+                &read_file(source, &train_images)?,
+                &describe(&train_labels),
+                &read_file(source, &train_labels)?,
+                transpose,
+            )?;
+            let test = idx_images(
+                &describe(&test_images),
+                &read_file(source, &test_images)?,
+                &describe(&test_labels),
+                &read_file(source, &test_labels)?,
+                transpose,
+            )?;
+            (train, test)
+        }
+        DataFiles::Cifar {
+            train,
+            test,
+            label_bytes,
+        } => {
+            let read_all = |names: &[String]| -> Result<ImageSet> {
+                let sets = names
+                    .iter()
+                    .map(|n| {
+                        cifar_batch(
+                            &format!("{}/{n}", source.describe()),
+                            &read_file(source, n)?,
+                            label_bytes,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                formats::concat(&source.describe(), sets)
+            };
+            (read_all(&train)?, read_all(&test)?)
+        }
+        DataFiles::Synthetic => {
+            let s = spec.synthetic.clone().unwrap_or_default();
+            (
+                s.generate(s.train, s.seed),
+                s.generate(s.test, s.seed ^ 0x5eed),
+            )
+        }
+    };
+    let classes = train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .copied()
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let subset = |set: ImageSet, n: Option<usize>, salt: u64| match n {
+        Some(n) if n < set.len() => {
+            let mut idx = permutation(set.len(), spec.split_seed ^ salt);
+            idx.truncate(n);
+            idx.sort_unstable();
+            set.select(&idx)
+        }
+        _ => set,
+    };
+    let order = permutation(train.len(), spec.split_seed);
+    let n_valid = (train.len() as f64 * spec.validation).round() as usize;
+    let (valid, train) = if n_valid > 0 {
+        let mut v: Vec<usize> = order[..n_valid].to_vec();
+        let mut t: Vec<usize> = order[n_valid..].to_vec();
+        v.sort_unstable();
+        t.sort_unstable();
+        (Some(train.select(&v)), train.select(&t))
+    } else {
+        (None, train)
+    };
+    let train = subset(train, spec.train_subset, 0x7261);
+    let test = subset(test, spec.test_subset, 0x7465);
+    if train.is_empty() || test.is_empty() {
+        return Err(FusionError::Data(format!(
+            "data set `{}` has an empty training or test split",
+            spec.dataset
+        )));
+    }
+    Ok(Splits {
+        name: spec.dataset.clone(),
+        train,
+        valid,
+        test,
+        classes,
+    })
+}
+
+/// Loads a data set from its local folder (the Debian package's for Fashion-MNIST).
+pub fn load_local(spec: &DataSpec) -> Result<Splits> {
+    let dir = spec.location().unwrap_or_default();
+    if spec.dataset != "synthetic" && dir.is_empty() {
+        return Err(FusionError::Data(format!(
+            "data set `{}` needs a folder: give it as `{}:/path/to/files`",
+            spec.dataset, spec.dataset
+        )));
+    }
+    load(spec, &LocalDir(dir.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fashion_mnist_loads_from_the_debian_package() {
+        let mut spec = DataSpec::fashion_mnist();
+        spec.validation = 0.1;
+        spec.test_subset = Some(1000);
+        let s = load_local(&spec).unwrap();
+        assert_eq!(s.train.shape, [1, 28, 28]);
+        assert_eq!(s.train.len(), 54_000);
+        assert_eq!(s.valid.as_ref().unwrap().len(), 6_000);
+        assert_eq!(s.test.len(), 1000);
+        assert_eq!(s.classes, 10);
+        // The split is seeded: the same seed gives the same validation set.
+        let again = load_local(&spec).unwrap();
+        assert_eq!(again.valid.unwrap().labels, s.valid.unwrap().labels);
+    }
+
+    #[test]
+    fn missing_files_and_unknown_sets_are_named() {
+        let err = load(
+            &DataSpec::named("cifar10"),
+            &LocalDir("/nonexistent".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/nonexistent") && err.contains("data_batch_1.bin"),
+            "{err}"
+        );
+        let err = DataSpec::named("imagenet").files().unwrap_err().to_string();
+        assert!(err.contains("imagenet"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_idx_file_names_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = std::path::Path::new(FASHION_MNIST_DIR);
+        for name in [
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ] {
+            std::fs::copy(
+                src.join(format!("{name}.gz")),
+                dir.path().join(format!("{name}.gz")),
+            )
+            .unwrap();
+        }
+        let full = maybe_gunzip(
+            "x",
+            std::fs::read(src.join("train-images-idx3-ubyte.gz")).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), &full[..10_000]).unwrap();
+        let spec = DataSpec {
+            path: Some(dir.path().display().to_string()),
+            ..DataSpec::fashion_mnist()
+        };
+        let err = load_local(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("train-images-idx3-ubyte: at byte 10000: truncated"),
+            "{err}"
+        );
+    }
+}
