@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: setup build test fmt lint bench-fusion
+.PHONY: setup build test fmt lint bench bench-fusion bench-throughput bench-paper gpu-check
 
 setup:
 	./scripts/setup.sh
@@ -22,5 +22,17 @@ lint: setup
 	cargo fmt --all --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 
+bench: bench-fusion bench-throughput bench-paper
+
 bench-fusion: build
 	$(ENV) python3 bench/fusion_bench.py
+
+bench-throughput: build
+	$(ENV) python3 bench/throughput.py
+
+bench-paper: build
+	$(ENV) python3 bench/reproduce_paper.py
+
+# Packs .gpu/ for the GPU machine; run `bench/gpu_check.sh run` there.
+gpu-check:
+	bench/gpu_check.sh prepare

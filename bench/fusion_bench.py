@@ -5,7 +5,7 @@ The reference approach is the paper's: build the dense concatenated model
 (block-diagonal middle layers), then prune it back with torch-pruning 1.3.7's
 MagnitudePruner (L2 magnitude, output layer ignored). Both run as child
 processes of this script on the same member files; each child's peak RSS comes
-from wait4, and each reports the time of the fusion itself (loading and
+from GNU time, and each reports the time of the fusion itself (loading and
 saving excluded). The two results are compared tensor by tensor.
 
 Run with the project's virtualenv (`make bench-fusion`):
@@ -23,69 +23,16 @@ import time
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_models import MLP, ResNet18  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NTCTL = os.environ.get("NTCTL", os.path.join(ROOT, "target", "release", "ntctl"))
 
 
-# ---------------------------------------------------------------- models
-
-
-class MLP(nn.Module):
-    """3072-W-W-10 without bias, names fc1..fc3 (nt preset `mlp:input=3072,hidden=W,depth=2`)."""
-
-    def __init__(self, width, inputs=3072, classes=10):
-        super().__init__()
-        self.fc1 = nn.Linear(inputs, width, bias=False)
-        self.fc2 = nn.Linear(width, width, bias=False)
-        self.fc3 = nn.Linear(width, classes, bias=False)
-
-    def forward(self, x):
-        x = torch.flatten(x, 1)
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + identity)
-
-
-class ResNet18(nn.Module):
-    """torchvision names, CIFAR stem (nt preset `resnet18`)."""
-
-    def __init__(self, width=64, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        c_in = width
-        for stage in range(4):
-            c_out = width << stage
-            blocks = [BasicBlock(c_in, c_out, 1 if stage == 0 else 2), BasicBlock(c_out, c_out, 1)]
-            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
-            c_in = c_out
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def make(kind, width):
-    return MLP(width) if kind == "mlp" else ResNet18()
+    # 3072-W-W-10 without bias: nt preset `mlp:input=3072,hidden=W,depth=2`.
+    return MLP(inputs=3072, hidden=width, depth=2) if kind == "mlp" else ResNet18()
 
 
 def example_input(kind):

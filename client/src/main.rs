@@ -1,5 +1,5 @@
-//! `ntctl`: the command line of nt. Offline verbs (`fuse`, `arch`) work on
-//! local files without any server.
+//! `ntctl`: the command line of nt. Offline verbs (`fuse`, `train`, `eval`,
+//! `arch`) work on local files without any server.
 
 mod cmd;
 mod output;
@@ -7,6 +7,12 @@ mod output;
 use clap::{Parser, Subcommand};
 
 use output::OutputFormat;
+
+/// mimalloc, built with `override`, also serves libtorch's own allocations:
+/// freed activation buffers are reused instead of being returned to the
+/// kernel and faulted in again, which glibc's malloc does for large blocks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +39,10 @@ struct Cli {
 enum Command {
     /// Fuse member checkpoints into one model (offline, no server).
     Fuse(cmd::fuse::FuseArgs),
+    /// Train a member, or fine-tune a fused model with --init (offline).
+    Train(cmd::train::TrainArgs),
+    /// Evaluate models and their output-averaging ensemble on a test set.
+    Eval(cmd::eval::EvalArgs),
     /// List the architecture presets or print one as a spec file.
     Arch(cmd::arch::ArchArgs),
 }
@@ -41,6 +51,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fuse(args) => cmd::fuse::run(args, cli.output),
+        Command::Train(args) => cmd::train::run(args, cli.output),
+        Command::Eval(args) => cmd::eval::run(args, cli.output),
         Command::Arch(args) => cmd::arch::run(args, cli.output),
     };
     if let Err(e) = result {

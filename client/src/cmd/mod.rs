@@ -1,2 +1,4 @@
 pub mod arch;
+pub mod eval;
 pub mod fuse;
+pub mod train;

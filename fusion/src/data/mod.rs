@@ -67,15 +67,24 @@ impl DataSpec {
         }
     }
 
-    /// Parses the CLI form `name[:folder]`, e.g. `fashion-mnist` or `cifar10:/data/cifar`.
-    pub fn parse_short(text: &str) -> Self {
-        match text.split_once(':') {
-            Some((name, path)) => DataSpec {
-                path: Some(path.to_string()),
-                ..DataSpec::named(name)
-            },
-            None => DataSpec::named(text),
+    /// Parses the CLI form `name[:folder]`, e.g. `fashion-mnist` or
+    /// `cifar10:/data/cifar`; for the synthetic set, `synthetic[:key=value,...]`
+    /// with keys train, test, classes, shape (e.g. 3x32x32), seed, noise.
+    pub fn parse_short(text: &str) -> Result<Self> {
+        let (name, rest) = match text.split_once(':') {
+            Some((n, r)) => (n, Some(r)),
+            None => (text, None),
+        };
+        let mut spec = DataSpec::named(name);
+        match (name, rest) {
+            ("synthetic", options) => {
+                spec.synthetic = Some(SyntheticSpec::parse(options.unwrap_or(""))?)
+            }
+            (_, Some(path)) => spec.path = Some(path.to_string()),
+            (_, None) => {}
         }
+        spec.files()?;
+        Ok(spec)
     }
 
     /// The folder or prefix files are read from.
@@ -198,6 +207,68 @@ fn read_file(source: &dyn FileSource, name: &str) -> Result<Vec<u8>> {
         "{}: neither {name} nor {name}.gz exists",
         source.describe()
     )))
+}
+
+/// A data set on its training device, normalised with the training split's statistics.
+pub struct Prepared {
+    pub name: String,
+    pub train: DeviceSet,
+    pub valid: Option<DeviceSet>,
+    pub test: DeviceSet,
+    pub classes: usize,
+    pub shape: [usize; 3],
+    pub normalization: Normalization,
+}
+
+impl Prepared {
+    /// The set evaluated during training: validation when held out, else test.
+    pub fn monitor(&self) -> &DeviceSet {
+        self.valid.as_ref().unwrap_or(&self.test)
+    }
+}
+
+impl Splits {
+    /// Uploads every split to `device`.
+    pub fn to_device(&self, device: tch::Device) -> Result<Prepared> {
+        let normalization = normalization(&self.train);
+        Ok(Prepared {
+            name: self.name.clone(),
+            train: DeviceSet::new(&self.train, &normalization, device)?,
+            valid: match &self.valid {
+                Some(v) => Some(DeviceSet::new(v, &normalization, device)?),
+                None => None,
+            },
+            test: DeviceSet::new(&self.test, &normalization, device)?,
+            classes: self.classes,
+            shape: self.train.shape,
+            normalization,
+        })
+    }
+
+    /// Checks that an architecture takes these images and has an output per class.
+    pub fn check_fits(&self, arch: &crate::arch::Architecture) -> Result<()> {
+        let per_sample: usize = arch.input_shape().iter().product();
+        let have: usize = self.train.shape.iter().product();
+        if per_sample != have {
+            return Err(FusionError::Data(format!(
+                "architecture `{}` takes inputs of shape {:?} ({per_sample} values) but `{}` has images of shape {:?} ({have} values)",
+                arch.name(),
+                arch.input_shape(),
+                self.name,
+                self.train.shape
+            )));
+        }
+        let outputs: usize = arch.output_shape().iter().product();
+        if outputs < self.classes {
+            return Err(FusionError::Data(format!(
+                "architecture `{}` has {outputs} outputs but `{}` has {} classes",
+                arch.name(),
+                self.name,
+                self.classes
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Per-channel mean and standard deviation of a (training) set.

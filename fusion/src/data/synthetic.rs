@@ -35,6 +35,32 @@ impl Default for SyntheticSpec {
 }
 
 impl SyntheticSpec {
+    /// Parses `key=value,...` (keys: train, test, classes, shape, seed, noise).
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        let mut spec = SyntheticSpec::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad =
+                || crate::FusionError::Data(format!("synthetic data option `{part}` is not valid"));
+            let (key, value) = part.split_once('=').ok_or_else(bad)?;
+            match key {
+                "train" => spec.train = value.parse().map_err(|_| bad())?,
+                "test" => spec.test = value.parse().map_err(|_| bad())?,
+                "classes" => spec.classes = value.parse().map_err(|_| bad())?,
+                "seed" => spec.seed = value.parse().map_err(|_| bad())?,
+                "noise" => spec.noise = value.parse().map_err(|_| bad())?,
+                "shape" => {
+                    let dims: Vec<usize> = value
+                        .split('x')
+                        .map(|d| d.parse().map_err(|_| bad()))
+                        .collect::<crate::Result<_>>()?;
+                    spec.shape = dims.try_into().map_err(|_| bad())?;
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(spec)
+    }
+
     /// `n` samples; prototypes depend on `self.seed` only, samples on `seed`.
     pub fn generate(&self, n: usize, seed: u64) -> ImageSet {
         let len: usize = self.shape.iter().product();
