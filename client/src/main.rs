@@ -40,7 +40,7 @@ enum Command {
     /// Fuse member checkpoints into one model (offline, no server).
     Fuse(cmd::fuse::FuseArgs),
     /// Train a member, or fine-tune a fused model with --init (offline).
-    Train(cmd::train::TrainArgs),
+    Train(Box<cmd::train::TrainArgs>),
     /// Evaluate models and their output-averaging ensemble on a test set.
     Eval(cmd::eval::EvalArgs),
     /// List the architecture presets or print one as a spec file.
@@ -51,7 +51,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fuse(args) => cmd::fuse::run(args, cli.output),
-        Command::Train(args) => cmd::train::run(args, cli.output),
+        Command::Train(args) => cmd::train::run(*args, cli.output),
         Command::Eval(args) => cmd::eval::run(args, cli.output),
         Command::Arch(args) => cmd::arch::run(args, cli.output),
     };
