@@ -89,10 +89,13 @@ impl Network {
         Ok(Self::with_params(arch, device, params))
     }
 
-    /// A freshly initialised network, as PyTorch initialises its layers:
-    /// weights and biases uniform in ±1/sqrt(fan_in), BatchNorm gamma 1 and
-    /// beta 0, running mean 0 and variance 1. Uses libtorch's global RNG.
-    pub fn init(arch: &Architecture, device: Device) -> Result<Self> {
+    /// A freshly initialised network, with PyTorch's distributions: weights
+    /// and biases uniform in ±1/sqrt(fan_in), BatchNorm gamma 1 and beta 0,
+    /// running mean 0 and variance 1. Values are drawn on the host from
+    /// `seed`, so they are the same on every device and do not depend on
+    /// libtorch's global generator.
+    pub fn init(arch: &Architecture, device: Device, seed: u64) -> Result<Self> {
+        let mut rng = crate::data::SplitMix64::new(seed);
         let mut params = Vec::new();
         for spec in arch.params() {
             let dims: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
@@ -110,7 +113,13 @@ impl Network {
             let opts = (Kind::Float, device);
             let tensor = match spec.role {
                 ParamRole::Weight | ParamRole::Bias => {
-                    Tensor::f_empty(&dims, opts)?.f_uniform_(-bound, bound)?
+                    let n: usize = spec.shape.iter().product();
+                    let values: Vec<f32> = (0..n)
+                        .map(|_| ((2.0 * rng.next_f64() - 1.0) * bound) as f32)
+                        .collect();
+                    Tensor::from_slice(&values)
+                        .f_reshape(&dims)?
+                        .f_to_device(device)?
                 }
                 ParamRole::NormWeight | ParamRole::RunningVar => Tensor::f_ones(&dims, opts)?,
                 ParamRole::NormBias | ParamRole::RunningMean => Tensor::f_zeros(&dims, opts)?,
@@ -378,8 +387,7 @@ mod tests {
     #[test]
     fn batch_norm_statistics_update_in_training_only() {
         let arch = Architecture::new(preset("vgg11-bn:width=2").unwrap()).unwrap();
-        tch::manual_seed(0);
-        let net = Network::init(&arch, Device::Cpu).unwrap();
+        let net = Network::init(&arch, Device::Cpu, 0).unwrap();
         let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
         let before = net.to_state().unwrap();
         let _ = net.predict(&x).unwrap();

@@ -17,8 +17,7 @@ fn arch(p: &str) -> Architecture {
 }
 
 fn member(arch: &Architecture, seed: i64) -> StateDict {
-    tch::manual_seed(seed);
-    Network::init(arch, Device::Cpu)
+    Network::init(arch, Device::Cpu, seed as u64)
         .unwrap()
         .to_state()
         .unwrap()

@@ -358,3 +358,41 @@ fn a_fashion_mnist_subset_is_learned() {
     assert!(out.history[1].train_loss < out.history[0].train_loss);
     assert!(acc > 0.7, "accuracy {acc}");
 }
+
+#[test]
+fn concurrent_trainings_in_one_process_stay_reproducible() {
+    let _serial = serial();
+    let (tr, te) = synthetic([1, 8, 8]);
+    let arch = mlp();
+    let cfg = TrainConfig {
+        augment: data::Augment {
+            crop_padding: 1,
+            hflip: true,
+        },
+        ..config(2)
+    };
+    let alone = {
+        let mut n = init_network(&arch, Device::Cpu, 4).unwrap();
+        train(&mut n, &cfg, &tr, Some(&te), &[], None, &mut NoHooks).unwrap();
+        n.to_state().unwrap()
+    };
+    // Two trainings on two threads at once, each with its own seed.
+    let (a, _) = std::thread::scope(|s| {
+        let one = s.spawn(|| {
+            let mut n = init_network(&arch, Device::Cpu, 4).unwrap();
+            train(&mut n, &cfg, &tr, None, &[], None, &mut NoHooks).unwrap();
+            n.to_state().unwrap()
+        });
+        let two = s.spawn(|| {
+            let mut n = init_network(&arch, Device::Cpu, 5).unwrap();
+            let other = TrainConfig {
+                seed: 77,
+                ..cfg.clone()
+            };
+            train(&mut n, &other, &tr, None, &[], None, &mut NoHooks).unwrap();
+            n.to_state().unwrap()
+        });
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert!(same(&alone, &a), "a concurrent training changed the result");
+}

@@ -114,8 +114,8 @@ impl DeviceSet {
         }
     }
 
-    /// Augments a batch of this set with libtorch's generator.
-    pub fn augment(&self, x: &Tensor, augment: &Augment) -> Result<Tensor> {
+    /// Augments a batch with its draws (see [`AugmentDraws`]).
+    pub fn augment(&self, x: &Tensor, augment: &Augment, draws: &AugmentDraws) -> Result<Tensor> {
         let mut x = x.shallow_clone();
         let size = x.size();
         let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
@@ -126,13 +126,15 @@ impl DeviceSet {
                 .f_sub(&self.pad_value)?
                 .f_constant_pad_nd([p, p, p, p])?
                 .f_add(&self.pad_value)?;
-            let oy = Tensor::f_randint_low(0, 2 * p + 1, [b, 1], (Kind::Int64, device))?;
-            let ox = Tensor::f_randint_low(0, 2 * p + 1, [b, 1], (Kind::Int64, device))?;
-            let rows = oy
+            let rows = draws
+                .oy
+                .f_unsqueeze(1)?
                 .f_add(&Tensor::f_arange(h, (Kind::Int64, device))?.f_unsqueeze(0)?)?
                 .f_view([b, 1, h, 1])?
                 .f_expand([b, c, h, w + 2 * p], false)?;
-            let cols = ox
+            let cols = draws
+                .ox
+                .f_unsqueeze(1)?
                 .f_add(&Tensor::f_arange(w, (Kind::Int64, device))?.f_unsqueeze(0)?)?
                 .f_view([b, 1, 1, w])?
                 .f_expand([b, c, h, w], false)?;
@@ -141,10 +143,52 @@ impl DeviceSet {
                 .f_gather(3, &cols, false)?;
         }
         if augment.hflip {
-            let flip = Tensor::f_rand([b, 1, 1, 1], (Kind::Float, device))?.f_lt(0.5)?;
+            let flip = draws.flip.f_view([b, 1, 1, 1])?;
             x = x.f_flip([3])?.f_where_self(&flip, &x)?;
         }
         Ok(x)
+    }
+}
+
+/// The random choices of augmentation for a run of samples: crop offsets
+/// and flips, drawn on the host from a seed (so they do not depend on
+/// libtorch's global generator, which concurrent trainings share) and
+/// uploaded once per epoch.
+pub struct AugmentDraws {
+    /// `[n]` int64: vertical crop offset in `0..=2*padding`.
+    pub oy: Tensor,
+    /// `[n]` int64: horizontal crop offset.
+    pub ox: Tensor,
+    /// `[n]` bool: flip left to right.
+    pub flip: Tensor,
+}
+
+impl AugmentDraws {
+    pub fn new(n: usize, augment: &Augment, seed: u64, device: Device) -> Result<Self> {
+        let mut rng = super::SplitMix64::new(seed);
+        let span = 2 * augment.crop_padding as u64 + 1;
+        let mut oy = Vec::with_capacity(n);
+        let mut ox = Vec::with_capacity(n);
+        let mut flip = Vec::with_capacity(n);
+        for _ in 0..n {
+            oy.push((rng.next_u64() % span) as i64);
+            ox.push((rng.next_u64() % span) as i64);
+            flip.push(augment.hflip && rng.next_u64() & 1 == 1);
+        }
+        Ok(AugmentDraws {
+            oy: Tensor::from_slice(&oy).f_to_device(device)?,
+            ox: Tensor::from_slice(&ox).f_to_device(device)?,
+            flip: Tensor::from_slice(&flip).f_to_device(device)?,
+        })
+    }
+
+    /// The draws of samples `start..start + n`.
+    pub fn slice(&self, start: i64, n: i64) -> Result<AugmentDraws> {
+        Ok(AugmentDraws {
+            oy: self.oy.f_narrow(0, start, n)?,
+            ox: self.ox.f_narrow(0, start, n)?,
+            flip: self.flip.f_narrow(0, start, n)?,
+        })
     }
 }
 
@@ -225,13 +269,13 @@ mod tests {
     fn crop_and_flip_keep_shapes_and_pad_with_zero_pixels() {
         let s = set();
         let d = DeviceSet::new(&s, &Normalization::of(&s), Device::Cpu).unwrap();
-        tch::manual_seed(3);
         let aug = Augment {
             crop_padding: 2,
             hflip: true,
         };
-        for _ in 0..20 {
-            let out = d.augment(&d.x, &aug).unwrap();
+        for seed in 0..20 {
+            let draws = AugmentDraws::new(2, &aug, seed, Device::Cpu).unwrap();
+            let out = d.augment(&d.x, &aug, &draws).unwrap();
             assert_eq!(out.size(), d.x.size());
             // Every value is either a pixel of the image or the padding value.
             let pad = d.pad_value.view([1, 2, 1, 1]).expand_as(&out);
@@ -241,7 +285,9 @@ mod tests {
             assert!(ok.all().int64_value(&[]) == 1);
         }
         // Padding 0 and no flip: identity.
-        let same = d.augment(&d.x, &Augment::default()).unwrap();
+        let off = Augment::default();
+        let draws = AugmentDraws::new(2, &off, 1, Device::Cpu).unwrap();
+        let same = d.augment(&d.x, &off, &draws).unwrap();
         assert!(same.equal(&d.x));
     }
 }

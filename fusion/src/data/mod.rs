@@ -8,7 +8,7 @@ mod synthetic;
 
 use serde::{Deserialize, Serialize};
 
-pub use device::{Augment, Batches, DeviceSet, Normalization};
+pub use device::{Augment, AugmentDraws, Batches, DeviceSet, Normalization};
 pub use formats::{cifar_batch, idx_images, maybe_gunzip, parse_idx, ImageSet};
 pub use synthetic::SyntheticSpec;
 

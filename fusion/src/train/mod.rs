@@ -1,10 +1,14 @@
 //! Training, fine-tuning (optionally distilling from the members' ensemble)
 //! and evaluation of networks with libtorch, on CPU or CUDA.
 //!
-//! Determinism: every epoch reseeds libtorch's generator and draws its data
-//! order from a seed derived from (seed, epoch), so a CPU run is reproducible
-//! bit for bit and a run resumed from an epoch checkpoint (which holds the
-//! weights and the momentum buffers) equals an uninterrupted one.
+//! Determinism: initialisation, data order and augmentation are drawn on the
+//! host from seeds derived from (seed, epoch), not from libtorch's global
+//! generator, so a CPU run is reproducible bit for bit even while other
+//! trainings run in the same process, and a run resumed from an epoch
+//! checkpoint (which holds the weights and the momentum buffers) equals an
+//! uninterrupted one. Dropout alone draws from libtorch's generator, which is
+//! reseeded every epoch: with dropout, concurrent trainings in one process
+//! are not bit-reproducible.
 
 mod eval;
 mod schedule;
@@ -20,7 +24,7 @@ pub use schedule::Schedule;
 pub use sgd::{Sgd, SgdConfig};
 
 use crate::arch::Architecture;
-use crate::data::{permutation, Augment, DeviceSet, SplitMix64};
+use crate::data::{permutation, Augment, AugmentDraws, DeviceSet, SplitMix64};
 use crate::model::{Network, Precision};
 use crate::state::StateDict;
 use crate::{FusionError, Result};
@@ -213,10 +217,9 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     rng.next_u64()
 }
 
-/// A network initialised for `seed` as PyTorch would initialise it.
+/// A network initialised for `seed` with PyTorch's distributions.
 pub fn init_network(arch: &Architecture, device: tch::Device, seed: u64) -> Result<Network> {
-    tch::manual_seed(seed as i64);
-    Network::init(arch, device)
+    Network::init(arch, device, seed)
 }
 
 /// Mean logits of the teachers on `x` (evaluation mode, no gradients).
@@ -292,12 +295,23 @@ pub fn train(
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.lr, epoch, config.epochs);
         let seed = epoch_seed(config.seed, epoch);
+        // Dropout is the one user of libtorch's global generator.
         tch::manual_seed(seed as i64);
         let order: Vec<i64> = permutation(train.len, seed)
             .into_iter()
             .map(|i| i as i64)
             .collect();
         let order = Tensor::from_slice(&order).f_to_device(device)?;
+        let draws = if config.augment.is_off() {
+            None
+        } else {
+            Some(AugmentDraws::new(
+                train.len,
+                &config.augment,
+                seed ^ 0xa5a5,
+                device,
+            )?)
+        };
 
         let start = Instant::now();
         let mut window_start = Instant::now();
@@ -308,10 +322,13 @@ pub fn train(
 
         for (step, batch) in train.batches(config.batch_size, Some(&order)).enumerate() {
             let (x, y) = batch?;
-            let x = if config.augment.is_off() {
-                x
-            } else {
-                train.augment(&x, &config.augment)?
+            let x = match &draws {
+                None => x,
+                Some(d) => {
+                    let n = y.size()[0];
+                    let start = (step * config.batch_size) as i64;
+                    train.augment(&x, &config.augment, &d.slice(start, n)?)?
+                }
             };
             let n = y.size()[0] as usize;
             let params = net.trainable();
