@@ -379,11 +379,13 @@ fn concurrent_trainings_in_one_process_stay_reproducible() {
     // Two trainings on two threads at once, each with its own seed.
     let (a, _) = std::thread::scope(|s| {
         let one = s.spawn(|| {
+            let (tr, _) = synthetic([1, 8, 8]);
             let mut n = init_network(&arch, Device::Cpu, 4).unwrap();
             train(&mut n, &cfg, &tr, None, &[], None, &mut NoHooks).unwrap();
             n.to_state().unwrap()
         });
         let two = s.spawn(|| {
+            let (tr, _) = synthetic([1, 8, 8]);
             let mut n = init_network(&arch, Device::Cpu, 5).unwrap();
             let other = TrainConfig {
                 seed: 77,
