@@ -1,0 +1,81 @@
+//! Where a run's objects live in the store (documented in the README):
+//!
+//! ```text
+//! runs/<run>/run.json                                the run document (spec, state, tasks, report)
+//! runs/<run>/report.json                             the final report
+//! runs/<run>/members/<i>.safetensors                 accepted member checkpoints
+//! runs/<run>/fused/<method>.safetensors              fused models, right after fusion
+//! runs/<run>/fine-tuned/<method>.safetensors         fused models after fine-tuning
+//! runs/<run>/tasks/<task>/attempt-<n>/epoch-<e>.state.safetensors   resumable epoch states
+//! runs/<run>/tasks/<task>/attempt-<n>/model.safetensors             an attempt's final model
+//! requests/<hex of the request id>.json              idempotency: request id -> run id
+//! ```
+
+pub fn run_prefix(run: &str) -> String {
+    format!("runs/{run}")
+}
+
+pub fn run_doc(run: &str) -> String {
+    format!("runs/{run}/run.json")
+}
+
+pub fn report(run: &str) -> String {
+    format!("runs/{run}/report.json")
+}
+
+pub fn member(run: &str, index: usize) -> String {
+    format!("runs/{run}/members/{index}.safetensors")
+}
+
+pub fn fused(run: &str, method: &str) -> String {
+    format!("runs/{run}/fused/{method}.safetensors")
+}
+
+pub fn fine_tuned(run: &str, method: &str) -> String {
+    format!("runs/{run}/fine-tuned/{method}.safetensors")
+}
+
+/// The folder an attempt writes into (`task` is the task's local name).
+pub fn attempt_prefix(run: &str, task: &str, attempt: u32) -> String {
+    format!("runs/{run}/tasks/{task}/attempt-{attempt}")
+}
+
+pub fn epoch_state(prefix: &str, epoch: usize) -> String {
+    format!("{prefix}/epoch-{epoch:04}.state.safetensors")
+}
+
+pub fn attempt_model(prefix: &str) -> String {
+    format!("{prefix}/model.safetensors")
+}
+
+/// The idempotency record of a client request id.
+pub fn request(request_id: &str) -> String {
+    let hex: String = request_id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("requests/{hex}.json")
+}
+
+/// A new run id: time-ordered (lexicographic order is creation order) and unique.
+pub fn new_run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(ms);
+    h.write_u32(std::process::id());
+    format!("run-{ms:012x}-{:08x}", h.finish() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_sort_by_creation_and_request_keys_are_safe() {
+        let a = new_run_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = new_run_id();
+        assert!(a < b, "{a} {b}");
+        assert_eq!(request("a/b"), "requests/612f62.json");
+    }
+}

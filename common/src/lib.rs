@@ -1,0 +1,18 @@
+//! What nt's coordinator, worker and client share: the object store and its
+//! layout, run specs, authentication, TLS and logging.
+
+pub mod auth;
+pub mod layout;
+pub mod spec;
+pub mod storage;
+pub mod telemetry;
+pub mod tls;
+
+pub use storage::{Storage, StorageArgs};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
