@@ -12,6 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "nt/v1/workers.proto",
     ];
     tonic_prost_build::configure()
+        // Serde on every message, so the coordinator can keep runs as
+        // readable JSON documents in the object store.
+        .type_attribute(".nt.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .message_attribute(".nt.v1", "#[serde(default)]")
         .file_descriptor_set_path(out.join("nt_v1_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
     for p in protos {

@@ -1,0 +1,75 @@
+//! The coordinator's configuration: every flag also reads an `NT_…` variable.
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use nt_common::telemetry::LogFormat;
+use nt_common::tls::ServerTlsArgs;
+use nt_common::StorageArgs;
+
+use crate::coordinator::CoordinatorConfig;
+
+/// Scheduler timings.
+#[derive(Args, Clone, Debug)]
+pub struct SchedulerArgs {
+    /// A lease expires this long after its last heartbeat or progress report.
+    #[arg(long, env = "NT_LEASE_TTL_MS", default_value_t = 30_000)]
+    pub lease_ttl_ms: u64,
+    /// How often workers heartbeat.
+    #[arg(long, env = "NT_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
+    pub heartbeat_interval_ms: u64,
+}
+
+impl SchedulerArgs {
+    pub fn config(&self) -> CoordinatorConfig {
+        CoordinatorConfig {
+            lease_ttl: Duration::from_millis(self.lease_ttl_ms.max(100)),
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms.max(50)),
+            ..CoordinatorConfig::default()
+        }
+    }
+}
+
+/// `nt-server`: the coordinator.
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "nt-server",
+    version,
+    about = "nt coordinator: runs, scheduling, fusion"
+)]
+pub struct ServerArgs {
+    /// gRPC address.
+    #[arg(long, env = "NT_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: String,
+    /// Prometheus /metrics address (empty: off).
+    #[arg(long, env = "NT_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: String,
+    /// Bearer token clients must send (empty: no authentication).
+    #[arg(
+        long,
+        env = "NT_CLIENT_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub client_token: String,
+    /// Bearer token workers must send (empty: no authentication).
+    #[arg(
+        long,
+        env = "NT_WORKER_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub worker_token: String,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "NT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// Log format.
+    #[arg(long, env = "NT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}

@@ -1,0 +1,156 @@
+//! Durable runs: one JSON document per run in the object store, written in
+//! revision order per run, with compare-and-swap where the store has it (S3);
+//! idempotency records created atomically.
+//!
+//! Contract: `save` returns once the document of at least that revision is
+//! stored; a snapshot older than one already stored is skipped, never
+//! written over it. `load_all` returns every run document under `runs/`.
+//! Errors are the store's (an outage is `Unavailable` to callers).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use nt_common::layout;
+use nt_common::storage::{Storage, Version, WriteError};
+use object_store::ObjectStore;
+
+use super::model::RunRecord;
+use crate::error::{CoordinatorError, Result};
+
+#[derive(Default)]
+struct Written {
+    revision: u64,
+    version: Option<Version>,
+}
+
+pub struct Metastore {
+    storage: Storage,
+    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Written>>>>,
+}
+
+/// A serialized run document at one revision.
+pub struct Snapshot {
+    pub run_id: String,
+    pub revision: u64,
+    pub bytes: Bytes,
+}
+
+impl Snapshot {
+    pub fn of(record: &RunRecord) -> Result<Self> {
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| {
+            CoordinatorError::Internal(format!("serializing run {}: {e}", record.run.run_id))
+        })?;
+        Ok(Snapshot {
+            run_id: record.run.run_id.clone(),
+            revision: record.revision,
+            bytes: Bytes::from(bytes),
+        })
+    }
+}
+
+impl Metastore {
+    pub fn new(storage: Storage) -> Self {
+        Metastore {
+            storage,
+            writers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn writer(&self, run: &str) -> Arc<tokio::sync::Mutex<Written>> {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        writers.entry(run.to_string()).or_default().clone()
+    }
+
+    /// Stores a snapshot unless a newer revision is already stored.
+    pub async fn save(&self, snap: Snapshot) -> Result<()> {
+        let writer = self.writer(&snap.run_id);
+        let mut w = writer.lock().await;
+        if snap.revision <= w.revision && w.version.is_some() {
+            return Ok(());
+        }
+        let key = layout::run_doc(&snap.run_id);
+        let version = match &w.version {
+            None => match self.storage.create(&key, snap.bytes.clone()).await {
+                Ok(v) => v,
+                // Written before this process started: overwrite is ours to do.
+                Err(WriteError::AlreadyExists(_)) => self.storage.put(&key, snap.bytes).await?,
+                Err(e) => return Err(e.into()),
+            },
+            Some(v) => match self.storage.update(&key, snap.bytes, v).await {
+                Ok(v) => v,
+                Err(WriteError::Conflict(k)) => {
+                    return Err(CoordinatorError::Unavailable(format!(
+                        "{k} was changed by another writer: is a second coordinator using this store?"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        w.revision = snap.revision;
+        w.version = Some(version);
+        Ok(())
+    }
+
+    /// Every stored run, with the version each was read at.
+    pub async fn load_all(&self) -> Result<Vec<RunRecord>> {
+        use futures_util::TryStreamExt;
+        let prefix = object_store::path::Path::from("runs");
+        let metas: Vec<_> = self.storage.store.list(Some(&prefix)).try_collect().await?;
+        let mut runs = Vec::new();
+        for meta in metas {
+            let key = meta.location.to_string();
+            if !key.ends_with("/run.json") {
+                continue;
+            }
+            let Some((bytes, version)) = self.storage.get(&key).await? else {
+                continue;
+            };
+            let record: RunRecord = serde_json::from_slice(&bytes).map_err(|e| {
+                CoordinatorError::Internal(format!("{key} is not a run document: {e}"))
+            })?;
+            let writer = self.writer(&record.run.run_id);
+            let mut w = writer.lock().await;
+            w.revision = record.revision;
+            w.version = Some(version);
+            runs.push(record);
+        }
+        Ok(runs)
+    }
+
+    /// The run a request id created, if any.
+    pub async fn request(&self, request_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .storage
+            .get(&layout::request(request_id))
+            .await?
+            .map(|(b, _)| String::from_utf8_lossy(&b).trim().to_string()))
+    }
+
+    /// Records that a request id created `run`; returns the run that owns the
+    /// request id (ours, or one recorded before).
+    pub async fn claim_request(&self, request_id: &str, run: &str) -> Result<String> {
+        let key = layout::request(request_id);
+        match self
+            .storage
+            .create(&key, Bytes::from(run.to_string()))
+            .await
+        {
+            Ok(_) => Ok(run.to_string()),
+            Err(WriteError::AlreadyExists(_)) => Ok(self
+                .request(request_id)
+                .await?
+                .unwrap_or_else(|| run.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.storage.store
+    }
+}

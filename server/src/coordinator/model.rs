@@ -1,0 +1,130 @@
+//! The durable run document (`runs/<run>/run.json`): what clients see of a
+//! run (`pb::Run`) plus what the coordinator needs to carry on after a
+//! restart (accepted outputs, resume checkpoints, curves).
+
+use nt_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use fusion::Method;
+
+/// What a task does, with its coordinates in the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TaskWork {
+    Train { member: usize },
+    FineTune { method: Method },
+    Evaluate,
+}
+
+impl TaskWork {
+    /// The task's name within its run (also its folder in the store).
+    pub fn local_name(&self) -> String {
+        match self {
+            TaskWork::Train { member } => format!("member-{member}"),
+            TaskWork::FineTune { method } => format!("fine-tune-{method}"),
+            TaskWork::Evaluate => "evaluate".into(),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            TaskWork::Train { member } => format!("member {member}"),
+            TaskWork::FineTune { method } => format!("{method} fine-tuning"),
+            TaskWork::Evaluate => "evaluation".into(),
+        }
+    }
+
+    pub fn kind(&self) -> pb::TaskKind {
+        match self {
+            TaskWork::Train { .. } => pb::TaskKind::Train,
+            TaskWork::FineTune { .. } => pb::TaskKind::FineTune,
+            TaskWork::Evaluate => pb::TaskKind::Evaluate,
+        }
+    }
+}
+
+/// The coordinator's side of a task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub work: TaskWork,
+    /// The last epoch state written by any attempt, to resume from.
+    #[serde(default)]
+    pub checkpoint_epoch: u32,
+    /// The learning curve of the current attempt.
+    #[serde(default)]
+    pub curve: Vec<pb::CurvePoint>,
+    /// The accepted result.
+    #[serde(default)]
+    pub result: Option<pb::TaskResult>,
+    /// Compute seconds of every attempt that ended (accepted or not).
+    #[serde(default)]
+    pub compute_seconds: f64,
+}
+
+/// One fusion method's output.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FusedRecord {
+    pub method: Method,
+    pub key: String,
+    pub seconds: f64,
+    pub parameters: u64,
+    pub groups: Vec<pb::GroupKept>,
+}
+
+/// The persisted document of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Format of this document.
+    pub format: u32,
+    /// Increases with every change; a stale write is never stored over a newer one.
+    pub revision: u64,
+    /// What clients see.
+    pub run: pb::Run,
+    /// Parallel to `run.tasks`.
+    pub tasks: Vec<TaskRecord>,
+    /// The last event sequence number given out.
+    pub event_sequence: u64,
+    /// Accepted member checkpoints, in member order.
+    #[serde(default)]
+    pub member_keys: Vec<String>,
+    /// Fused models, in the spec's method order.
+    #[serde(default)]
+    pub fused: Vec<FusedRecord>,
+    /// When the run reached its final state.
+    #[serde(default)]
+    pub finished_ms: Option<i64>,
+}
+
+pub const FORMAT: u32 = 1;
+
+impl RunRecord {
+    pub fn state(&self) -> pb::RunState {
+        pb::RunState::try_from(self.run.state).unwrap_or(pb::RunState::Unspecified)
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self.state(),
+            pb::RunState::Succeeded | pb::RunState::Failed | pb::RunState::Cancelled
+        )
+    }
+
+    pub fn task_state(&self, i: usize) -> pb::TaskState {
+        pb::TaskState::try_from(self.run.tasks[i].state).unwrap_or(pb::TaskState::Unspecified)
+    }
+
+    /// The index of a task by its local name.
+    pub fn task_index(&self, local: &str) -> Option<usize> {
+        self.tasks.iter().position(|t| t.work.local_name() == local)
+    }
+}
+
+/// `<run>/<local task name>`: task ids are unique across runs.
+pub fn task_id(run: &str, local: &str) -> String {
+    format!("{run}/{local}")
+}
+
+/// Splits a task id into run id and local name.
+pub fn parse_task_id(id: &str) -> Option<(&str, &str)> {
+    id.split_once('/')
+}

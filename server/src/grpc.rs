@@ -1,0 +1,245 @@
+//! Thin tonic adapters: check the bearer token, call the coordinator through
+//! [`RunApi`] / [`WorkerApi`], convert the result. No logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nt_common::auth;
+use nt_proto::tonic::{self, Request, Response, Status};
+use nt_proto::v1 as pb;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+
+use crate::coordinator::{Coordinator, RunApi, WorkerApi};
+
+/// Times a handler into `nt_rpc_duration_seconds`.
+struct Timer<'a> {
+    coordinator: &'a Coordinator,
+    method: &'static str,
+    start: Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.coordinator
+            .metrics()
+            .rpc_duration
+            .with_label_values(&[self.method])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+fn timer<'a>(coordinator: &'a Coordinator, method: &'static str) -> Timer<'a> {
+    Timer {
+        coordinator,
+        method,
+        start: Instant::now(),
+    }
+}
+
+pub struct RunService {
+    pub coordinator: Arc<Coordinator>,
+    pub client_token: Option<String>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+fn is_final_event(ev: &pb::RunEvent) -> bool {
+    match &ev.event {
+        Some(pb::run_event::Event::StateChanged(s)) => matches!(
+            pb::RunState::try_from(s.state),
+            Ok(pb::RunState::Succeeded | pb::RunState::Failed | pb::RunState::Cancelled)
+        ),
+        _ => false,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::run_service_server::RunService for RunService {
+    async fn submit_run(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let _t = timer(&self.coordinator, "SubmitRun");
+        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let (run, created) = self.coordinator.submit(spec, r.request_id).await?;
+        Ok(Response::new(pb::SubmitRunResponse {
+            run: Some(run),
+            created,
+        }))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
+        let _t = timer(&self.coordinator, "GetRun");
+        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
+        Ok(Response::new(
+            self.coordinator.get(&req.into_inner().run_id).await?,
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let _t = timer(&self.coordinator, "ListRuns");
+        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
+        let r = req.into_inner();
+        let state = pb::RunState::try_from(r.state)
+            .map_err(|_| Status::invalid_argument("state: unknown value"))?;
+        let (runs, next_page_token) = self
+            .coordinator
+            .list(r.page_size as usize, &r.page_token, state)
+            .await?;
+        Ok(Response::new(pb::ListRunsResponse {
+            runs,
+            next_page_token,
+        }))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        req: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
+        let r = req.into_inner();
+        let (past, live) = self.coordinator.watch(&r.run_id, r.after_sequence).await?;
+        let mut last = past.last().map_or(r.after_sequence, |e| e.sequence);
+        let ended = past.iter().any(is_final_event);
+        let past_stream = tokio_stream::iter(past.into_iter().map(Ok));
+        let live_stream: EventStream = match (live, ended) {
+            (Some(rx), false) => {
+                let run_id = r.run_id.clone();
+                let mut done = false;
+                Box::pin(BroadcastStream::new(rx).map_while(move |item| {
+                    if done {
+                        return None;
+                    }
+                    match item {
+                        Ok(ev) if ev.sequence <= last => Some(None),
+                        Ok(ev) => {
+                            last = ev.sequence;
+                            done = is_final_event(&ev);
+                            Some(Some(Ok(ev)))
+                        }
+                        Err(BroadcastStreamRecvError::Lagged(n)) => Some(Some(Err(Status::data_loss(format!(
+                            "watcher of run `{run_id}` fell {n} events behind; watch again from sequence {last}"
+                        ))))),
+                    }
+                }).filter_map(|x| x))
+            }
+            _ => Box::pin(tokio_stream::empty()),
+        };
+        Ok(Response::new(Box::pin(past_stream.chain(live_stream))))
+    }
+
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let _t = timer(&self.coordinator, "CancelRun");
+        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.coordinator.cancel(&r.run_id, &r.reason).await?,
+        ))
+    }
+}
+
+pub struct WorkerService {
+    pub coordinator: Arc<Coordinator>,
+    pub worker_token: Option<String>,
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerService {
+    async fn register_worker(
+        &self,
+        req: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let _t = timer(&self.coordinator, "RegisterWorker");
+        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.coordinator
+                .register(&r.name, r.capabilities.unwrap_or_default())
+                .await?,
+        ))
+    }
+
+    async fn lease_task(
+        &self,
+        req: Request<pb::LeaseTaskRequest>,
+    ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
+        let r = req.into_inner();
+        let task = self
+            .coordinator
+            .lease(&r.worker_id, Duration::from_millis(u64::from(r.wait_ms)))
+            .await?;
+        Ok(Response::new(pb::LeaseTaskResponse { task }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let _t = timer(&self.coordinator, "Heartbeat");
+        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
+        let r = req.into_inner();
+        let tasks = self.coordinator.heartbeat(&r.worker_id, &r.tasks).await?;
+        Ok(Response::new(pb::HeartbeatResponse { tasks }))
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let _t = timer(&self.coordinator, "ReportProgress");
+        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
+        let r = req.into_inner();
+        let worker = r.worker_id.clone();
+        let directive = self.coordinator.progress(&worker, r).await?;
+        Ok(Response::new(pb::ReportProgressResponse {
+            directive: directive as i32,
+        }))
+    }
+
+    async fn complete_task(
+        &self,
+        req: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let _t = timer(&self.coordinator, "CompleteTask");
+        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
+        let r = req.into_inner();
+        self.coordinator
+            .complete(
+                &r.worker_id,
+                &r.task_id,
+                r.attempt,
+                r.result.unwrap_or_default(),
+            )
+            .await?;
+        Ok(Response::new(pb::CompleteTaskResponse {}))
+    }
+
+    async fn fail_task(
+        &self,
+        req: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        let _t = timer(&self.coordinator, "FailTask");
+        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
+        let r = req.into_inner();
+        self.coordinator
+            .fail(&r.worker_id, &r.task_id, r.attempt, &r.error, r.retryable)
+            .await?;
+        Ok(Response::new(pb::FailTaskResponse {}))
+    }
+}

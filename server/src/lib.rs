@@ -1,0 +1,93 @@
+//! nt's coordinator. [`serve`] runs it on a bound listener until a
+//! cancellation token fires, so tests and the embedded mode can start it on
+//! port 0 and stop it cleanly.
+
+pub mod config;
+pub mod coordinator;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use nt_common::Storage;
+use nt_proto::tonic::transport::Server;
+use nt_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ServerArgs;
+use coordinator::Coordinator;
+use metrics::Metrics;
+
+/// Starts the coordinator (loading stored runs) without serving it.
+pub async fn start_coordinator(
+    args: &ServerArgs,
+    shutdown: CancellationToken,
+) -> Result<Arc<Coordinator>> {
+    let storage = Storage::open(&args.storage)?;
+    tracing::info!(store = %storage.url, "opening the store");
+    Coordinator::start(storage, args.scheduler.config(), Metrics::new(), shutdown).await
+}
+
+/// Serves the gRPC API (and health and reflection) on `listener`, and the
+/// metrics on `metrics_listener`, until `shutdown`.
+pub async fn serve(
+    args: &ServerArgs,
+    coordinator: Arc<Coordinator>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let token = |t: &str| (!t.is_empty()).then(|| t.to_string());
+    let run_service = pb::run_service_server::RunServiceServer::new(grpc::RunService {
+        coordinator: coordinator.clone(),
+        client_token: token(&args.client_token),
+    })
+    .max_decoding_message_size(args.max_message_bytes);
+    let worker_service = pb::worker_service_server::WorkerServiceServer::new(grpc::WorkerService {
+        coordinator: coordinator.clone(),
+        worker_token: token(&args.worker_token),
+    })
+    .max_decoding_message_size(args.max_message_bytes);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::run_service_server::RunServiceServer<grpc::RunService>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::worker_service_server::WorkerServiceServer<grpc::WorkerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::serve(
+            coordinator.metrics().clone(),
+            l,
+            shutdown.clone(),
+        ));
+    }
+    let mut builder = Server::builder();
+    if let Some(tls) = args.tls.config()? {
+        builder = builder.tls_config(tls)?;
+    }
+    tracing::info!(addr = %listener.local_addr()?, "serving");
+    let health_shutdown = health_reporter.clone();
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(run_service)
+        .add_service(worker_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.cancelled().await;
+            health_shutdown
+                .set_not_serving::<pb::run_service_server::RunServiceServer<grpc::RunService>>()
+                .await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! `nt-server`: the coordinator binary.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use nt_server::ServerArgs;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = ServerArgs::parse();
+    nt_common::telemetry::init(args.log_format);
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let metrics_listener = if args.metrics_listen.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&args.metrics_listen)
+                .await
+                .with_context(|| format!("binding {}", args.metrics_listen))?,
+        )
+    };
+    let coordinator = nt_server::start_coordinator(&args, shutdown.clone()).await?;
+    nt_server::serve(&args, coordinator, listener, metrics_listener, shutdown).await
+}
+
+/// SIGTERM or SIGINT start a graceful shutdown.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+}

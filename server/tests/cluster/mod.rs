@@ -1,0 +1,470 @@
+//! A real cluster on 127.0.0.1 for end-to-end tests: a SeaweedFS S3 server
+//! (from the project's virtualenv), the `nt-server` binary and `nt-worker`
+//! processes. Everything is stopped on `Drop`; logs go to the test's temp
+//! folder and are printed when a wait times out.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nt_common::auth::BearerToken;
+use nt_proto::tonic::codegen::InterceptedService;
+use nt_proto::tonic::transport::Channel;
+use nt_proto::v1 as pb;
+
+pub const CLIENT_TOKEN: &str = "client-secret";
+pub const WORKER_TOKEN: &str = "worker-secret";
+
+pub type RunClient =
+    pb::run_service_client::RunServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type WorkerClient =
+    pb::worker_service_client::WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// The tests start processes and measure nothing: one at a time keeps two
+/// cores from starving lease timings.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn target_dir() -> PathBuf {
+    // target/<profile>/deps/<test binary>
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        p.display()
+    );
+    p
+}
+
+fn venv_bin(name: &str) -> PathBuf {
+    let venv = std::env::var("NT_TORCH_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/nt/torch-2.11.0",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let p = Path::new(&venv).join("bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (a graceful stop).
+    pub fn terminate(&mut self) {
+        unsafe_kill(self.child.id(), "TERM");
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Proc {
+    let file = std::fs::File::create(log).unwrap();
+    let child = cmd
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    Proc {
+        child,
+        log: log.to_path_buf(),
+    }
+}
+
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 32];
+    matches!(s.read(&mut buf), Ok(n) if n > 12 && &buf[9..12] == b"200")
+}
+
+/// A SeaweedFS `weed mini` with S3 on a free port and bucket `test`.
+pub struct Seaweed {
+    pub proc: Proc,
+    pub s3_port: u16,
+}
+
+impl Seaweed {
+    pub fn start(dir: &Path) -> Self {
+        let data = dir.join("seaweed");
+        std::fs::create_dir_all(&data).unwrap();
+        let s3_port = free_port();
+        let mut cmd = Command::new(venv_bin("weed"));
+        cmd.env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "testsecret")
+            .arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-bucket=test",
+                "-master.telemetry=false",
+            ])
+            .args([
+                "-webdav=false",
+                "-admin.ui=false",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ]);
+        for flag in [
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+        ] {
+            cmd.arg(format!("-{flag}={}", free_port()));
+        }
+        cmd.arg(format!("-s3.port={s3_port}"));
+        let proc = spawn(&mut cmd, &dir.join("seaweed.log"));
+        let start = Instant::now();
+        while !http_ok(s3_port, "/healthz") {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "SeaweedFS did not become ready:\n{}",
+                tail(&dir.join("seaweed.log"))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Seaweed { proc, s3_port }
+    }
+}
+
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// Where the cluster keeps its objects.
+pub enum StoreKind {
+    /// A local folder.
+    Local,
+    /// SeaweedFS over S3.
+    S3,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub seaweed: Option<Seaweed>,
+    pub server: Option<Proc>,
+    pub workers: HashMap<String, Proc>,
+    pub port: u16,
+    pub lease_ttl_ms: u64,
+}
+
+impl Cluster {
+    pub fn new(store: StoreKind) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let seaweed = match store {
+            StoreKind::Local => None,
+            StoreKind::S3 => Some(Seaweed::start(dir.path())),
+        };
+        Cluster {
+            dir,
+            seaweed,
+            server: None,
+            workers: HashMap::new(),
+            port: free_port(),
+            lease_ttl_ms: 2500,
+        }
+    }
+
+    /// Flags and environment selecting the store, for both binaries.
+    pub fn store_args(&self) -> (Vec<String>, Vec<(String, String)>) {
+        match &self.seaweed {
+            None => (
+                vec![format!(
+                    "--store=file://{}",
+                    self.dir.path().join("store").display()
+                )],
+                vec![],
+            ),
+            Some(s) => (
+                vec![
+                    "--store=s3://test".into(),
+                    format!("--s3-endpoint=http://127.0.0.1:{}", s.s3_port),
+                    "--s3-allow-http".into(),
+                ],
+                vec![
+                    ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+                    ("AWS_SECRET_ACCESS_KEY".into(), "testsecret".into()),
+                ],
+            ),
+        }
+    }
+
+    pub fn start_server(&mut self) {
+        let (args, env) = self.store_args();
+        let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
+        let mut cmd = Command::new(binary("nt-server"));
+        cmd.args(&args)
+            .envs(env)
+            .arg(format!("--listen=127.0.0.1:{}", self.port))
+            .arg("--metrics-listen=")
+            .arg(format!("--client-token={CLIENT_TOKEN}"))
+            .arg(format!("--worker-token={WORKER_TOKEN}"))
+            .arg(format!("--lease-ttl-ms={}", self.lease_ttl_ms))
+            .arg("--heartbeat-interval-ms=300")
+            .env("RUST_LOG", "info");
+        let proc = spawn(&mut cmd, &self.dir.path().join(format!("server-{n}.log")));
+        self.server = Some(proc);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "nt-server did not start:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill_server(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill();
+        }
+    }
+
+    pub fn start_worker(&mut self, name: &str) {
+        let (args, env) = self.store_args();
+        let mut cmd = Command::new(binary("nt-worker"));
+        cmd.args(&args)
+            .envs(env)
+            .arg(format!("--coordinator=http://127.0.0.1:{}", self.port))
+            .arg(format!("--worker-token={WORKER_TOKEN}"))
+            .arg(format!("--name={name}"))
+            .args(["--device=cpu", "--threads=1", "--shutdown-grace-secs=2"])
+            .env("RUST_LOG", "info");
+        let proc = spawn(&mut cmd, &self.dir.path().join(format!("{name}.log")));
+        self.workers.insert(name.to_string(), proc);
+    }
+
+    pub fn kill_worker(&mut self, name: &str) {
+        if let Some(mut w) = self.workers.remove(name) {
+            w.kill();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut names: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_else(|_| Vec::new());
+        names.sort();
+        for p in names
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        {
+            out += &format!("\n===== {} =====\n{}\n", p.display(), tail(&p));
+        }
+        out
+    }
+
+    pub async fn client(&self) -> RunClient {
+        self.client_with_token(CLIENT_TOKEN).await
+    }
+
+    pub async fn client_with_token(&self, token: &str) -> RunClient {
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
+            .unwrap()
+            .connect_lazy();
+        pb::run_service_client::RunServiceClient::with_interceptor(
+            channel,
+            BearerToken::new(Some(token)).unwrap(),
+        )
+    }
+
+    pub async fn worker_client(&self) -> WorkerClient {
+        let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
+            .unwrap()
+            .connect_lazy();
+        pb::worker_service_client::WorkerServiceClient::with_interceptor(
+            channel,
+            BearerToken::new(Some(WORKER_TOKEN)).unwrap(),
+        )
+    }
+
+    /// Polls a run until `done` holds, failing with every log after `timeout`.
+    pub async fn wait_for(
+        &self,
+        run_id: &str,
+        timeout: Duration,
+        done: impl Fn(&pb::Run) -> bool,
+    ) -> pb::Run {
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            if let Ok(r) = self
+                .client()
+                .await
+                .get_run(pb::GetRunRequest {
+                    run_id: run_id.into(),
+                })
+                .await
+            {
+                let run = r.into_inner();
+                if done(&run) {
+                    return run;
+                }
+                last = Some(run);
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out waiting on run {run_id}; last seen: {:#?}\n{}",
+                    last.map(|r| (r.state, r.message, r.tasks)),
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    /// Every object key in the store.
+    pub async fn objects(&self) -> Vec<String> {
+        use futures_util::TryStreamExt;
+        let storage = self.storage();
+        let mut keys: Vec<String> = storage
+            .store
+            .list(None)
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    pub fn storage(&self) -> nt_common::Storage {
+        let (args, env) = self.store_args();
+        for (k, v) in env {
+            // SAFETY: the tests run one at a time (see `serial`).
+            unsafe { std::env::set_var(k, v) };
+        }
+        let parsed =
+            <StoreOnly as clap::Parser>::parse_from(std::iter::once("x".to_string()).chain(args));
+        nt_common::Storage::open(&parsed.storage).unwrap()
+    }
+}
+
+#[derive(clap::Parser)]
+struct StoreOnly {
+    #[command(flatten)]
+    storage: nt_common::StorageArgs,
+}
+
+pub fn state(run: &pb::Run) -> pb::RunState {
+    pb::RunState::try_from(run.state).unwrap()
+}
+
+pub fn is_final(run: &pb::Run) -> bool {
+    matches!(
+        state(run),
+        pb::RunState::Succeeded | pb::RunState::Failed | pb::RunState::Cancelled
+    )
+}
+
+/// A small real run on Fashion-MNIST: an MLP trained for `epochs` epochs on
+/// a subset, fused with NT and averaging, fine-tuned for 2 epochs.
+pub fn small_spec(epochs: u32, train_subset: u64) -> pb::RunSpec {
+    let yaml = format!(
+        r#"
+name: e2e
+data: {{dataset: fashion-mnist, train_subset: {train_subset}, test_subset: 1000}}
+architecture: "mlp:hidden=64,depth=2"
+members:
+  count: 2
+  training: {{epochs: {epochs}, batch_size: 128, lr: 0.05}}
+fusion: [nt, average]
+fine_tuning:
+  training: {{epochs: 2, batch_size: 128}}
+max_attempts: 3
+"#
+    );
+    nt_common::spec::RunSpecFile::from_yaml(&yaml)
+        .unwrap()
+        .to_proto(Path::new("."))
+        .unwrap()
+}
+
+pub async fn submit(
+    cluster: &Cluster,
+    spec: pb::RunSpec,
+    request_id: &str,
+) -> pb::SubmitRunResponse {
+    cluster
+        .client()
+        .await
+        .submit_run(pb::SubmitRunRequest {
+            spec: Some(spec),
+            request_id: request_id.into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("submit failed: {s:?}\n{}", cluster.logs()))
+        .into_inner()
+}
