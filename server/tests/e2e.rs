@@ -5,14 +5,12 @@
 // on separate runtimes and must not overlap.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::await_holding_lock)]
 
-mod cluster;
-
 use std::time::Duration;
 
-use cluster::{is_final, serial, small_spec, state, submit, Cluster, StoreKind};
 use nt_common::layout;
 use nt_proto::tonic::Code;
 use nt_proto::v1 as pb;
+use nt_testkit::cluster::{self, is_final, serial, small_spec, state, submit, Cluster, StoreKind};
 
 const LONG: Duration = Duration::from_secs(420);
 

@@ -392,9 +392,14 @@ impl Coordinator {
 
     /// Adds a task to a run and queues it.
     fn add_task(st: &mut State, run_id: &str, work: TaskWork) {
-        let Some(entry) = st.runs.get_mut(run_id) else {
-            return;
-        };
+        if let Some(id) = Self::add_task_unqueued(st, run_id, work) {
+            st.pending.push_back(id);
+        }
+    }
+
+    /// Adds a task to a run; the caller queues the returned id.
+    fn add_task_unqueued(st: &mut State, run_id: &str, work: TaskWork) -> Option<String> {
+        let entry = st.runs.get_mut(run_id)?;
         let local = work.local_name();
         let id = task_id(run_id, &local);
         entry.record.run.tasks.push(pb::TaskStatus {
@@ -417,7 +422,7 @@ impl Coordinator {
         });
         let i = entry.record.tasks.len() - 1;
         Self::set_task_state(entry, i, pb::TaskState::Pending, "");
-        st.pending.push_back(id);
+        Some(id)
     }
 
     /// The wire form of an attempt of task `i` of a run.
@@ -814,6 +819,7 @@ impl RunApi for Coordinator {
             finished_ms: None,
         };
         let (tx, _) = broadcast::channel(1024);
+        let mut queue = Vec::new();
         let (snap, run, fuse_now) = {
             let mut st = self.lock();
             st.runs.insert(
@@ -837,7 +843,12 @@ impl RunApi for Coordinator {
             let fuse_now = match &plan.members {
                 MemberPlan::Train(configs) => {
                     for m in 0..configs.len() {
-                        Self::add_task(&mut st, &run_id, TaskWork::Train { member: m });
+                        // Queued once the run is stored, so no lease precedes it.
+                        queue.extend(Self::add_task_unqueued(
+                            &mut st,
+                            &run_id,
+                            TaskWork::Train { member: m },
+                        ));
                     }
                     false
                 }
@@ -859,11 +870,13 @@ impl RunApi for Coordinator {
         };
         if let Err(e) = self.save(snap).await {
             // Not stored: forget it, so nothing runs that a client was told failed.
-            let mut st = self.lock();
-            st.runs.remove(&run_id);
-            let prefix = format!("{run_id}/");
-            st.pending.retain(|t| !t.starts_with(&prefix));
+            self.lock().runs.remove(&run_id);
             return Err(e);
+        }
+        {
+            let mut st = self.lock();
+            st.pending.extend(queue);
+            self.update_gauges(&st);
         }
         info!(run_id = %run_id, "run submitted");
         self.metrics.runs_submitted.inc();

@@ -3,7 +3,7 @@
 //! processes. Everything is stopped on `Drop`; logs go to the test's temp
 //! folder and are printed when a wait times out.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -40,15 +40,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The folder of the workspace's binaries for the running profile: tests run
+/// from target/<profile>/deps, benchmark binaries from target/<profile>.
 fn target_dir() -> PathBuf {
-    // target/<profile>/deps/<test binary>
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -91,7 +92,7 @@ impl Proc {
 
     /// Sends SIGTERM (a graceful stop).
     pub fn terminate(&mut self) {
-        unsafe_kill(self.child.id(), "TERM");
+        send_signal(self.child.id(), "TERM");
     }
 
     pub fn alive(&mut self) -> bool {
@@ -99,7 +100,7 @@ impl Proc {
     }
 }
 
-fn unsafe_kill(pid: u32, signal: &str) {
+fn send_signal(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -125,7 +126,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     }
 }
 
-fn http_ok(port: u16, path: &str) -> bool {
+pub fn http_ok(port: u16, path: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -216,6 +217,12 @@ pub struct Cluster {
     pub workers: HashMap<String, Proc>,
     pub port: u16,
     pub lease_ttl_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Serve /metrics on this port (none: off).
+    pub metrics_port: Option<u16>,
+    /// More flags for nt-server and nt-worker.
+    pub server_args: Vec<String>,
+    pub worker_args: Vec<String>,
 }
 
 impl Cluster {
@@ -232,6 +239,14 @@ impl Cluster {
             workers: HashMap::new(),
             port: free_port(),
             lease_ttl_ms: 2500,
+            heartbeat_ms: 300,
+            metrics_port: None,
+            server_args: Vec::new(),
+            worker_args: vec![
+                "--device=cpu".into(),
+                "--threads=1".into(),
+                "--shutdown-grace-secs=2".into(),
+            ],
         }
     }
 
@@ -266,11 +281,17 @@ impl Cluster {
         cmd.args(&args)
             .envs(env)
             .arg(format!("--listen=127.0.0.1:{}", self.port))
-            .arg("--metrics-listen=")
+            .arg(format!(
+                "--metrics-listen={}",
+                self.metrics_port
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .unwrap_or_default()
+            ))
             .arg(format!("--client-token={CLIENT_TOKEN}"))
             .arg(format!("--worker-token={WORKER_TOKEN}"))
             .arg(format!("--lease-ttl-ms={}", self.lease_ttl_ms))
-            .arg("--heartbeat-interval-ms=300")
+            .arg(format!("--heartbeat-interval-ms={}", self.heartbeat_ms))
+            .args(&self.server_args)
             .env("RUST_LOG", "info");
         let proc = spawn(&mut cmd, &self.dir.path().join(format!("server-{n}.log")));
         self.server = Some(proc);
@@ -299,7 +320,7 @@ impl Cluster {
             .arg(format!("--coordinator=http://127.0.0.1:{}", self.port))
             .arg(format!("--worker-token={WORKER_TOKEN}"))
             .arg(format!("--name={name}"))
-            .args(["--device=cpu", "--threads=1", "--shutdown-grace-secs=2"])
+            .args(&self.worker_args)
             .env("RUST_LOG", "info");
         let proc = spawn(&mut cmd, &self.dir.path().join(format!("{name}.log")));
         self.workers.insert(name.to_string(), proc);
