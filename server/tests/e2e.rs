@@ -589,9 +589,14 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_checks_are_open_and_a_sigterm_worker_releases_its_task() {
+async fn health_checks_and_metrics_are_open_and_a_sigterm_worker_releases_its_task() {
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
+    let metrics_port = cluster::free_port();
+    let worker_health = cluster::free_port();
+    c.metrics_port = Some(metrics_port);
+    c.worker_args
+        .push(format!("--health-listen=127.0.0.1:{worker_health}"));
     c.start_server();
     let channel =
         nt_proto::tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", c.port))

@@ -126,18 +126,24 @@ fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     }
 }
 
-pub fn http_ok(port: u16, path: &str) -> bool {
+/// A plain HTTP GET on 127.0.0.1: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 32];
-    matches!(s.read(&mut buf), Ok(n) if n > 12 && &buf[9..12] == b"200")
+    s.write_all(req.as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.get(9..12)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    Some((code, body))
+}
+
+pub fn http_ok(port: u16, path: &str) -> bool {
+    matches!(http_get(port, path), Some((200, _)))
 }
 
 /// A SeaweedFS `weed mini` with S3 on a free port and bucket `test`.

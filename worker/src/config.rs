@@ -41,6 +41,9 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long running tasks may take to finish before they are released.
     #[arg(long, env = "NT_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Serve /healthz and /metrics on this address (empty: off).
+    #[arg(long, env = "NT_HEALTH_LISTEN", default_value = "")]
+    pub health_listen: String,
     #[command(flatten)]
     pub storage: StorageArgs,
     /// Log format.

@@ -22,6 +22,7 @@ use tracing::{info, instrument, warn};
 
 use crate::config::WorkerArgs;
 use crate::executor::{self, Env, ProgressMessage, StopReason, TaskControl, TaskError};
+use crate::metrics::WorkerMetrics;
 
 pub type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -66,6 +67,7 @@ pub struct Worker {
     worker_id: Mutex<String>,
     running: Mutex<HashMap<String, Running>>,
     heartbeat_every: Mutex<Duration>,
+    pub metrics: WorkerMetrics,
 }
 
 impl Worker {
@@ -81,6 +83,7 @@ impl Worker {
             worker_id: Mutex::new(String::new()),
             running: Mutex::new(HashMap::new()),
             heartbeat_every: Mutex::new(Duration::from_secs(5)),
+            metrics: WorkerMetrics::new(),
         }))
     }
 
@@ -127,7 +130,7 @@ impl Worker {
                 Err(s) => anyhow::bail!("registration refused: {}", s.message()),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => anyhow::bail!("shut down before registering"),
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -137,6 +140,10 @@ impl Worker {
     /// Runs until `shutdown`; then drains as described in the module docs.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<()> {
         self.register(&shutdown).await?;
+        if shutdown.is_cancelled() {
+            return Ok(()); // stopped before it could register: nothing to drain
+        }
+        self.metrics.registered.set(1);
         let heartbeats = tokio::spawn(self.clone().heartbeat_loop(shutdown.clone()));
         let slots = Arc::new(Semaphore::new(self.args.slots.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
@@ -304,6 +311,14 @@ impl Worker {
             )))
         });
         let _ = reporter.await;
+        let outcome_label = match &outcome {
+            Ok(_) => "completed",
+            Err(TaskError::Stopped(StopReason::Shutdown)) => "released",
+            Err(TaskError::Stopped(_)) => "stopped",
+            Err(TaskError::Retryable(_) | TaskError::Fatal(_)) => "failed",
+        };
+        self.metrics.tasks.with_label_values(&[outcome_label]).inc();
+        self.metrics.running.dec();
         match outcome {
             Ok(result) => self.complete(&task, result).await,
             Err(TaskError::Stopped(StopReason::Shutdown)) => {
@@ -344,6 +359,11 @@ impl Worker {
             for (i, m) in batch.into_iter().enumerate() {
                 if m.checkpoint.is_none() && m.epoch.is_none() && Some(i) != last_plain {
                     continue;
+                }
+                if m.progress.samples_per_second > 0.0 {
+                    self.metrics
+                        .samples_per_second
+                        .set(m.progress.samples_per_second);
                 }
                 let (checkpoint, checkpoint_epoch) = m.checkpoint.unwrap_or_default();
                 let req = pb::ReportProgressRequest {

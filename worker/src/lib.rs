@@ -5,6 +5,7 @@
 pub mod config;
 pub mod executor;
 pub mod lease_loop;
+pub mod metrics;
 
 pub use config::WorkerArgs;
 pub use lease_loop::Worker;

@@ -29,5 +29,18 @@ async fn main() -> Result<()> {
         tracing::info!("shutting down: no new tasks");
         signal.cancel();
     });
-    Worker::new(args)?.run(shutdown).await
+    let health = if args.health_listen.is_empty() {
+        None
+    } else {
+        Some(tokio::net::TcpListener::bind(&args.health_listen).await?)
+    };
+    let worker = Worker::new(args)?;
+    if let Some(l) = health {
+        tokio::spawn(nt_worker::metrics::serve(
+            worker.metrics.clone(),
+            l,
+            shutdown.clone(),
+        ));
+    }
+    worker.run(shutdown).await
 }
