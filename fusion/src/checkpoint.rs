@@ -22,6 +22,28 @@ pub const META_ARCH: &str = "nt.arch";
 /// Metadata key holding the [`Lineage`] as JSON.
 pub const META_LINEAGE: &str = "nt.lineage";
 
+/// Metadata key holding the [`InputSpec`] as JSON.
+pub const META_INPUT: &str = "nt.input";
+
+/// How a model's inputs are prepared: its data set and the per-channel
+/// normalisation (`(pixel / 255 - mean) / std`) it was trained with. Fused
+/// and fine-tuned models keep their members'; evaluation uses it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub dataset: String,
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl InputSpec {
+    pub fn normalization(&self) -> crate::data::Normalization {
+        crate::data::Normalization {
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        }
+    }
+}
+
 /// Where a model came from: recorded in its checkpoint's metadata.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +82,19 @@ impl StateDict {
         if let Ok(text) = serde_json::to_string(lineage) {
             self.metadata.insert(META_LINEAGE.into(), text);
         }
+    }
+
+    pub fn set_input(&mut self, input: &InputSpec) {
+        if let Ok(text) = serde_json::to_string(input) {
+            self.metadata.insert(META_INPUT.into(), text);
+        }
+    }
+
+    /// The input preparation recorded in the metadata, if any and readable.
+    pub fn input(&self) -> Option<InputSpec> {
+        self.metadata
+            .get(META_INPUT)
+            .and_then(|text| serde_json::from_str(text).ok())
     }
 
     /// The lineage recorded in the metadata, if any and readable.

@@ -253,6 +253,12 @@ pub fn fuse(
             .collect(),
     };
     state.set_arch(result_arch.spec());
+    // The fused model takes its inputs the way its members did.
+    if let Some(input) = members[0].input() {
+        if members.iter().all(|m| m.input().as_ref() == Some(&input)) {
+            state.set_input(&input);
+        }
+    }
     state.set_lineage(&Lineage {
         method: method.to_string(),
         ..Default::default()

@@ -153,6 +153,7 @@ fn load_data(
     spec: &DataSpec,
     arch: &Architecture,
     device: Device,
+    normalization: Option<fusion::data::Normalization>,
 ) -> Result<Prepared, TaskError> {
     let splits = match spec.path.as_deref().and_then(|p| p.strip_prefix("store:")) {
         Some(prefix) => fusion::data::load(
@@ -168,7 +169,7 @@ fn load_data(
         }
     };
     splits.check_fits(arch)?;
-    Ok(splits.to_device(device)?)
+    Ok(splits.to_device_with(device, normalization)?)
 }
 
 fn curve_point(e: &EpochRecord) -> pb::CurvePoint {
@@ -267,8 +268,18 @@ pub fn execute(
     let arch = Architecture::from_json(&task.architecture_json)?;
     let data_spec = spec::data_spec(&task.data.clone().unwrap_or_default());
     let device = env.device;
-    let data = load_data(env, &data_spec, &arch, device)?;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
+    // Models are evaluated and fine-tuned with the normalisation they were trained with.
+    let first_model = match kind {
+        pb::TaskKind::FineTune => Some(env.load_state(&task.init_checkpoint)?),
+        pb::TaskKind::Evaluate => match task.evaluate.first().and_then(|i| i.checkpoints.first()) {
+            Some(k) => Some(env.load_state(k)?),
+            None => None,
+        },
+        _ => None,
+    };
+    let normalization = first_model.as_ref().and_then(|s| s.input()).map(|i| i.normalization());
+    let data = load_data(env, &data_spec, &arch, device, normalization)?;
     let mut result = match kind {
         pb::TaskKind::Train | pb::TaskKind::FineTune => {
             let mut config =
@@ -280,8 +291,10 @@ pub fn execute(
                     Vec::new(),
                 )
             } else {
-                let init = env.load_state(&task.init_checkpoint)?;
-                let net = Network::from_state(&arch, &init, device)?;
+                let init = first_model
+                    .as_ref()
+                    .ok_or_else(|| TaskError::Fatal("fine-tuning without a checkpoint".into()))?;
+                let net = Network::from_state(&arch, init, device)?;
                 let before =
                     train::evaluate(&net, &data.test, task.eval_batch_size.max(1) as usize)?;
                 let teachers = task
@@ -329,6 +342,7 @@ pub fn execute(
             }
             let after = train::evaluate(&net, &data.test, task.eval_batch_size.max(1) as usize)?;
             let mut state = net.to_state()?;
+            state.set_input(&data.input_spec());
             let mut lineage = Lineage {
                 method: if kind == pb::TaskKind::Train {
                     "trained"

@@ -236,7 +236,9 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
     };
     let splits = fusion::data::load_local(&args.data.spec()?)?;
     splits.check_fits(&arch)?;
-    let data = splits.to_device(device)?;
+    // A fine-tuned model keeps the normalisation its members were trained with.
+    let recorded = init_state.as_ref().and_then(|s| s.input()).map(|i| i.normalization());
+    let data = splits.to_device_with(device, recorded)?;
 
     let mut net = match &init_state {
         Some(state) => Network::from_state(&arch, state, device)?,
@@ -307,6 +309,7 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
     let test = fusion::train::evaluate(&net, &data.test, 1024)?;
 
     let mut state = net.to_state()?;
+    state.set_input(&data.input_spec());
     let mut lineage = init_state
         .as_ref()
         .and_then(|s| s.lineage())

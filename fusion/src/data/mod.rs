@@ -221,6 +221,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// What a model trained on this data records about its inputs.
+    pub fn input_spec(&self) -> crate::checkpoint::InputSpec {
+        crate::checkpoint::InputSpec {
+            dataset: self.name.clone(),
+            mean: self.normalization.mean.clone(),
+            std: self.normalization.std.clone(),
+        }
+    }
+
     /// The set evaluated during training: validation when held out, else test.
     pub fn monitor(&self) -> &DeviceSet {
         self.valid.as_ref().unwrap_or(&self.test)
@@ -228,9 +237,26 @@ impl Prepared {
 }
 
 impl Splits {
-    /// Uploads every split to `device`.
+    /// Uploads every split to `device`, normalised with the training split's statistics.
     pub fn to_device(&self, device: tch::Device) -> Result<Prepared> {
-        let normalization = normalization(&self.train);
+        self.to_device_with(device, None)
+    }
+
+    /// Uploads every split, normalised with `normalization` when given (a
+    /// model's recorded one), else with the training split's statistics.
+    pub fn to_device_with(&self, device: tch::Device, given: Option<Normalization>) -> Result<Prepared> {
+        let normalization = match given {
+            Some(n) if n.mean.len() == self.train.shape[0] && n.std.len() == self.train.shape[0] => n,
+            Some(n) => {
+                return Err(FusionError::Data(format!(
+                    "the model's normalisation has {} channels, `{}` has {}",
+                    n.mean.len(),
+                    self.name,
+                    self.train.shape[0]
+                )))
+            }
+            None => normalization(&self.train),
+        };
         Ok(Prepared {
             name: self.name.clone(),
             train: DeviceSet::new(&self.train, &normalization, device)?,
@@ -244,6 +270,7 @@ impl Splits {
             normalization,
         })
     }
+
 
     /// Checks that an architecture takes these images and has an output per class.
     pub fn check_fits(&self, arch: &crate::arch::Architecture) -> Result<()> {
