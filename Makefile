@@ -3,13 +3,18 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: setup build test fmt lint bench bench-fusion bench-throughput bench-paper gpu-check
+.PHONY: setup build demo test fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline gpu-check
 
 setup:
 	./scripts/setup.sh
 
 build: setup
 	$(ENV) cargo build --release --workspace
+
+# The embedded demo: in-process coordinator and worker, local store, Fashion-MNIST.
+demo: setup
+	$(ENV) cargo build --release -p nt-client
+	$(ENV) target/release/ntctl run examples/fashion-mlp.yaml --local --plot nt-demo-curves.png
 
 test: setup
 	$(ENV) cargo build --workspace --all-targets
@@ -23,7 +28,7 @@ lint: setup
 	cargo fmt --all --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 
-bench: bench-fusion bench-throughput bench-paper
+bench: bench-fusion bench-throughput bench-paper bench-pipeline
 
 bench-fusion: build
 	$(ENV) python3 bench/fusion_bench.py
@@ -33,6 +38,11 @@ bench-throughput: build
 
 bench-paper: build
 	$(ENV) python3 bench/reproduce_paper.py
+
+bench-pipeline: build
+	$(ENV) target/release/coordinator-bench
+	$(ENV) target/release/storage-bench
+	$(ENV) target/release/run-overhead --epochs 10
 
 # Packs .gpu/ for the GPU machine; run `bench/gpu_check.sh run` there.
 gpu-check:

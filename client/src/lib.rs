@@ -9,6 +9,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod config;
+pub mod follow;
+pub mod report;
+pub mod specfile;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};

@@ -1,12 +1,15 @@
-//! `ntctl`: the command line of nt. Offline verbs (`fuse`, `train`, `eval`,
-//! `arch`) work on local files without any server.
+//! `ntctl`: the command line of nt. `submit`, `watch`, `get`, `list`,
+//! `cancel`, `events` and `report` talk to a coordinator; `run --local`
+//! runs a spec with an in-process coordinator and worker; `fuse`, `train`,
+//! `eval` and `arch` work on local files without any server.
 
 mod cmd;
 mod output;
 
 use clap::{Parser, Subcommand};
+use nt_client::ConnectArgs;
 
-use output::OutputFormat;
+use output::{Exit, OutputFormat};
 
 /// mimalloc, built with `override`, also serves libtorch's own allocations:
 /// freed activation buffers are reused instead of being returned to the
@@ -18,7 +21,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "ntctl",
     version,
-    about = "Neuron Transplantation: fuse ensembles into one model"
+    about = "Neuron Transplantation: fuse ensembles into one model",
+    after_help = "Connection settings come from flags, then NT_ENDPOINT / NT_TOKEN / NT_TLS_CA / NT_TLS_DOMAIN, \
+                  then ~/.config/nt/ntctl.yaml (or $NT_CONFIG).\n\
+                  Exit codes: 0 ok, 1 error, 2 run failed or cancelled, 3 quality gate missed."
 )]
 struct Cli {
     /// Output format: human-readable text or JSON for scripts.
@@ -31,32 +37,76 @@ struct Cli {
     )]
     output: OutputFormat,
 
+    #[command(flatten)]
+    connect: ConnectArgs,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a spec end to end on this machine: in-process coordinator and
+    /// worker, local store (the embedded default).
+    Run(Box<cmd::run_local::RunArgs>),
+    /// Submit a run spec to a coordinator (--wait to follow it to its end).
+    Submit(Box<cmd::remote::SubmitArgs>),
+    /// Follow a run with progress bars until it ends, then print its report.
+    Watch(cmd::remote::RunIdArgs),
+    /// A run's state, report table and unfinished tasks.
+    Get(cmd::remote::RunIdArgs),
+    /// Runs, newest first.
+    List(cmd::remote::ListArgs),
+    /// Cancel a run.
+    Cancel(cmd::remote::CancelArgs),
+    /// A run's events.
+    Events(cmd::remote::EventsArgs),
+    /// A run's report as text, Markdown, JSON or CSV, and its curves as a PNG.
+    Report(cmd::remote::ReportArgs),
     /// Fuse member checkpoints into one model (offline, no server).
     Fuse(cmd::fuse::FuseArgs),
     /// Train a member, or fine-tune a fused model with --init (offline).
     Train(Box<cmd::train::TrainArgs>),
-    /// Evaluate models and their output-averaging ensemble on a test set.
+    /// Evaluate models and their output-averaging ensemble on a test set (offline).
     Eval(cmd::eval::EvalArgs),
     /// List the architecture presets or print one as a spec file.
     Arch(cmd::arch::ArchArgs),
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Fuse(args) => cmd::fuse::run(args, cli.output),
-        Command::Train(args) => cmd::train::run(*args, cli.output),
-        Command::Eval(args) => cmd::eval::run(args, cli.output),
-        Command::Arch(args) => cmd::arch::run(args, cli.output),
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = cli.output;
+    let connect = cli.connect;
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
     };
-    if let Err(e) = result {
+    match cli.command {
+        Command::Fuse(args) => cmd::fuse::run(args, output),
+        Command::Train(args) => cmd::train::run(*args, output),
+        Command::Eval(args) => cmd::eval::run(args, output),
+        Command::Arch(args) => cmd::arch::run(args, output),
+        Command::Run(args) => runtime()?.block_on(cmd::run_local::run(*args, &connect, output)),
+        Command::Submit(args) => runtime()?.block_on(cmd::remote::submit(*args, &connect, output)),
+        Command::Watch(args) => runtime()?.block_on(cmd::remote::watch(args, &connect, output)),
+        Command::Get(args) => runtime()?.block_on(cmd::remote::get(args, &connect, output)),
+        Command::List(args) => runtime()?.block_on(cmd::remote::list(args, &connect, output)),
+        Command::Cancel(args) => runtime()?.block_on(cmd::remote::cancel(args, &connect, output)),
+        Command::Events(args) => runtime()?.block_on(cmd::remote::events(args, &connect, output)),
+        Command::Report(args) => runtime()?.block_on(cmd::remote::report(args, &connect, output)),
+    }
+}
+
+fn main() {
+    if let Err(e) = nt_client::config::apply() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        let code = e.downcast_ref::<Exit>().map_or(1, |x| x.code);
+        eprintln!("error: {e:#}");
+        std::process::exit(code);
     }
 }

@@ -1,4 +1,4 @@
-//! How verbs print: text for people, JSON for scripts.
+//! How verbs print (text for people, JSON for scripts) and how they exit.
 
 use serde::Serialize;
 
@@ -13,3 +13,35 @@ pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
+
+/// An ending with a specific exit code: 2 when the run failed or was
+/// cancelled, 3 when it missed a quality gate (other errors exit 1).
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Exit {
+    pub fn run_failed(message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit {
+            code: 2,
+            message: message.into(),
+        })
+    }
+
+    pub fn gate(message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit {
+            code: 3,
+            message: message.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}

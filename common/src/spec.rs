@@ -724,6 +724,24 @@ device: any
     }
 
     #[test]
+    fn every_example_spec_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let file = RunSpecFile::from_yaml(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let wire = file.to_proto(&dir).unwrap();
+                plan(&wire, &keys).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "found {seen} example specs");
+    }
+
+    #[test]
     fn training_round_trips_through_the_wire() {
         let c = TrainConfig {
             epochs: 7,

@@ -111,29 +111,41 @@ impl pb::run_service_server::RunService for RunService {
         auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
         let r = req.into_inner();
         let (past, live) = self.coordinator.watch(&r.run_id, r.after_sequence).await?;
-        let mut last = past.last().map_or(r.after_sequence, |e| e.sequence);
+        let last = past.last().map_or(r.after_sequence, |e| e.sequence);
         let ended = past.iter().any(is_final_event);
         let past_stream = tokio_stream::iter(past.into_iter().map(Ok));
         let live_stream: EventStream = match (live, ended) {
             (Some(rx), false) => {
                 let run_id = r.run_id.clone();
-                let mut done = false;
-                Box::pin(BroadcastStream::new(rx).map_while(move |item| {
-                    if done {
-                        return None;
-                    }
-                    match item {
-                        Ok(ev) if ev.sequence <= last => Some(None),
-                        Ok(ev) => {
-                            last = ev.sequence;
-                            done = is_final_event(&ev);
-                            Some(Some(Ok(ev)))
+                // Ends right after the final state (not at the next event, which never comes).
+                Box::pin(futures_util::stream::unfold(
+                    (BroadcastStream::new(rx), last, false),
+                    move |(mut rx, mut last, done)| {
+                        let run_id = run_id.clone();
+                        async move {
+                            if done {
+                                return None;
+                            }
+                            loop {
+                                match rx.next().await {
+                                    None => return None,
+                                    Some(Ok(ev)) if ev.sequence <= last => continue,
+                                    Some(Ok(ev)) => {
+                                        last = ev.sequence;
+                                        let end = is_final_event(&ev);
+                                        return Some((Ok(ev), (rx, last, end)));
+                                    }
+                                    Some(Err(BroadcastStreamRecvError::Lagged(n))) => {
+                                        let status = Status::data_loss(format!(
+                                            "watcher of run `{run_id}` fell {n} events behind; watch again from sequence {last}"
+                                        ));
+                                        return Some((Err(status), (rx, last, true)));
+                                    }
+                                }
+                            }
                         }
-                        Err(BroadcastStreamRecvError::Lagged(n)) => Some(Some(Err(Status::data_loss(format!(
-                            "watcher of run `{run_id}` fell {n} events behind; watch again from sequence {last}"
-                        ))))),
-                    }
-                }).filter_map(|x| x))
+                    },
+                ))
             }
             _ => Box::pin(tokio_stream::empty()),
         };

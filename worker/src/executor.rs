@@ -278,7 +278,10 @@ pub fn execute(
         },
         _ => None,
     };
-    let normalization = first_model.as_ref().and_then(|s| s.input()).map(|i| i.normalization());
+    let normalization = first_model
+        .as_ref()
+        .and_then(|s| s.input())
+        .map(|i| i.normalization());
     let data = load_data(env, &data_spec, &arch, device, normalization)?;
     let mut result = match kind {
         pb::TaskKind::Train | pb::TaskKind::FineTune => {

@@ -1,4 +1,7 @@
 pub mod arch;
 pub mod eval;
 pub mod fuse;
+pub mod progress;
+pub mod remote;
+pub mod run_local;
 pub mod train;

@@ -237,7 +237,10 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
     let splits = fusion::data::load_local(&args.data.spec()?)?;
     splits.check_fits(&arch)?;
     // A fine-tuned model keeps the normalisation its members were trained with.
-    let recorded = init_state.as_ref().and_then(|s| s.input()).map(|i| i.normalization());
+    let recorded = init_state
+        .as_ref()
+        .and_then(|s| s.input())
+        .map(|i| i.normalization());
     let data = splits.to_device_with(device, recorded)?;
 
     let mut net = match &init_state {

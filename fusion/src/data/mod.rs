@@ -244,9 +244,17 @@ impl Splits {
 
     /// Uploads every split, normalised with `normalization` when given (a
     /// model's recorded one), else with the training split's statistics.
-    pub fn to_device_with(&self, device: tch::Device, given: Option<Normalization>) -> Result<Prepared> {
+    pub fn to_device_with(
+        &self,
+        device: tch::Device,
+        given: Option<Normalization>,
+    ) -> Result<Prepared> {
         let normalization = match given {
-            Some(n) if n.mean.len() == self.train.shape[0] && n.std.len() == self.train.shape[0] => n,
+            Some(n)
+                if n.mean.len() == self.train.shape[0] && n.std.len() == self.train.shape[0] =>
+            {
+                n
+            }
             Some(n) => {
                 return Err(FusionError::Data(format!(
                     "the model's normalisation has {} channels, `{}` has {}",
@@ -270,7 +278,6 @@ impl Splits {
             normalization,
         })
     }
-
 
     /// Checks that an architecture takes these images and has an output per class.
     pub fn check_fits(&self, arch: &crate::arch::Architecture) -> Result<()> {

@@ -1,0 +1,174 @@
+//! `ntctl run`: submit a spec and follow it to its end. With `--local`, the
+//! embedded default: a coordinator and a worker in this process, talking
+//! gRPC over loopback, with the local filesystem as the object store, so
+//! nothing needs to be installed or started.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser};
+use nt_client::{pb, ConnectArgs};
+use tokio_util::sync::CancellationToken;
+
+use super::remote::{grpc, load_spec, wait_and_report, Gates, SpecOverrides};
+use crate::output::OutputFormat;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The run spec (YAML).
+    spec: PathBuf,
+    /// Run here: in-process coordinator and worker, local store.
+    #[arg(long)]
+    local: bool,
+    /// With --local: the store folder (runs, checkpoints, reports).
+    #[arg(long, default_value = "nt-data", env = "NT_LOCAL_STORE")]
+    store: PathBuf,
+    /// With --local: tasks at once.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
+    /// With --local: the worker's device (auto, cpu, cuda or cuda:N).
+    #[arg(long, default_value = "auto", env = "NT_DEVICE")]
+    worker_device: String,
+    /// With --local: libtorch CPU threads per task (default: all cores).
+    #[arg(long, env = "NT_THREADS")]
+    threads: Option<usize>,
+    /// With --local: show the coordinator's and worker's logs.
+    #[arg(long)]
+    verbose: bool,
+    #[command(flatten)]
+    overrides: SpecOverrides,
+    /// Idempotency key.
+    #[arg(long)]
+    request_id: Option<String>,
+    #[command(flatten)]
+    gates: Gates,
+    /// Write the fine-tuning curves as a PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Copies member checkpoints given as local files into the store (`uploads/`).
+fn upload_local_members(spec: &mut pb::RunSpec, store: &Path) -> Result<()> {
+    let Some(members) = spec.members.as_mut() else {
+        return Ok(());
+    };
+    for c in &mut members.checkpoints {
+        let path = Path::new(c.as_str());
+        if c.starts_with("store:") || !path.is_file() {
+            continue;
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("`{c}` has no file name"))?;
+        let key = format!("uploads/{name}");
+        let dest = store.join(&key);
+        std::fs::create_dir_all(store.join("uploads"))?;
+        std::fs::copy(path, &dest)
+            .with_context(|| format!("copying {} into the store", path.display()))?;
+        *c = key;
+    }
+    let keys: std::collections::HashSet<_> = members.checkpoints.iter().collect();
+    if keys.len() != members.checkpoints.len() {
+        bail!("two member checkpoints have the same file name; rename one");
+    }
+    Ok(())
+}
+
+pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> Result<()> {
+    let mut spec = load_spec(&args.spec, &args.overrides)?;
+    if !args.local {
+        let mut client = nt_client::connect(connect).await?;
+        let r = client
+            .submit_run(pb::SubmitRunRequest {
+                spec: Some(spec),
+                request_id: args.request_id.unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| grpc("submitting the run", s))?
+            .into_inner();
+        let run_id = r.run.unwrap_or_default().run_id;
+        return wait_and_report(
+            &mut client,
+            &run_id,
+            output,
+            &args.gates,
+            args.plot.as_deref(),
+        )
+        .await;
+    }
+
+    if args.verbose {
+        nt_common::telemetry::init(nt_common::telemetry::LogFormat::Text);
+    }
+    std::fs::create_dir_all(&args.store)
+        .with_context(|| format!("creating {}", args.store.display()))?;
+    let store = std::fs::canonicalize(&args.store)?;
+    upload_local_members(&mut spec, &store)?;
+    let store_url = format!("--store=file://{}", store.display());
+
+    let shutdown = CancellationToken::new();
+    let server_args = nt_server::ServerArgs::try_parse_from([
+        "nt-server",
+        store_url.as_str(),
+        "--metrics-listen=",
+    ])?;
+    let coordinator = nt_server::start_coordinator(&server_args, shutdown.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let server = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { nt_server::serve(&server_args, coordinator, listener, None, shutdown).await }
+    });
+    let mut worker_flags = vec![
+        "nt-worker".to_string(),
+        format!("--coordinator=http://127.0.0.1:{port}"),
+        store_url.clone(),
+        format!("--device={}", args.worker_device),
+        format!("--slots={}", args.slots),
+        "--name=local".into(),
+        "--shutdown-grace-secs=0".into(),
+    ];
+    if let Some(t) = args.threads {
+        worker_flags.push(format!("--threads={t}"));
+    }
+    let worker = nt_worker::Worker::new(nt_worker::WorkerArgs::try_parse_from(worker_flags)?)?;
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    let interrupt = shutdown.clone();
+    let store_shown = store.display().to_string();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: the run stays in {store_shown} and continues the next time");
+            interrupt.cancel();
+        }
+    });
+
+    let local = ConnectArgs {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        ..ConnectArgs::default()
+    };
+    let outcome = async {
+        let mut client = nt_client::connect(&local).await?;
+        let r = client
+            .submit_run(pb::SubmitRunRequest {
+                spec: Some(spec),
+                request_id: args.request_id.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| grpc("submitting the run", s))?
+            .into_inner();
+        let run_id = r.run.unwrap_or_default().run_id;
+        if output == OutputFormat::Text {
+            eprintln!("run {run_id} (store {})", store.display());
+        }
+        tokio::select! {
+            r = wait_and_report(&mut client, &run_id, output, &args.gates, args.plot.as_deref()) => r,
+            _ = shutdown.cancelled() => bail!("interrupted"),
+        }
+    }
+    .await;
+    shutdown.cancel();
+    let _ = worker_task.await;
+    let _ = server.await;
+    outcome
+}

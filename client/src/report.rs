@@ -1,0 +1,445 @@
+//! A run's report as people and programs read it: a table (text, Markdown,
+//! CSV) and a PNG plot of the fine-tuning curves with the members and the
+//! ensemble as reference lines.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use nt_proto::v1 as pb;
+
+/// One line of the report table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub model: String,
+    /// Test accuracy in [0, 1], when evaluated.
+    pub accuracy: Option<f64>,
+    pub loss: Option<f64>,
+    pub parameters: u64,
+    pub checkpoint: String,
+}
+
+fn method_name(m: i32) -> String {
+    pb::FusionMethod::try_from(m)
+        .ok()
+        .and_then(nt_common::spec::method_from_proto)
+        .map_or_else(|| format!("method {m}"), |m| m.to_string())
+}
+
+fn evaluated(m: &pb::ModelReport) -> (Option<f64>, Option<f64>) {
+    if m.accuracy == 0.0 && m.loss == 0.0 {
+        (None, None)
+    } else {
+        (Some(m.accuracy), Some(m.loss))
+    }
+}
+
+fn row(model: String, m: &pb::ModelReport) -> Row {
+    let (accuracy, loss) = evaluated(m);
+    Row {
+        model,
+        accuracy,
+        loss,
+        parameters: m.parameters,
+        checkpoint: m.checkpoint.clone(),
+    }
+}
+
+/// The rows: members, the ensemble, each method right after fusion and after fine-tuning.
+pub fn rows(run: &pb::Run) -> Vec<Row> {
+    let Some(report) = &run.report else {
+        return Vec::new();
+    };
+    let mut out: Vec<Row> = report
+        .members
+        .iter()
+        .map(|m| row(m.name.clone(), m))
+        .collect();
+    if let Some(e) = &report.ensemble {
+        out.push(row(
+            format!("ensemble of {} (mean logits)", report.members.len()),
+            e,
+        ));
+    }
+    for f in &report.fused {
+        let name = method_name(f.method);
+        if let Some(m) = &f.after_fusion {
+            out.push(row(format!("{name} right after fusion"), m));
+        }
+        if let Some(m) = &f.after_fine_tuning {
+            out.push(row(format!("{name} after fine-tuning"), m));
+        }
+    }
+    out
+}
+
+/// The best member's test accuracy.
+pub fn best_member(run: &pb::Run) -> Option<f64> {
+    run.report
+        .as_ref()?
+        .members
+        .iter()
+        .map(|m| m.accuracy)
+        .fold(None, |best, a| Some(best.map_or(a, |b: f64| b.max(a))))
+}
+
+/// The test accuracy of a method's model after fine-tuning (the first method when `None`).
+pub fn fine_tuned_accuracy(run: &pb::Run, method: Option<&str>) -> Option<f64> {
+    let report = run.report.as_ref()?;
+    let f = match method {
+        None => report.fused.first()?,
+        Some(name) => report
+            .fused
+            .iter()
+            .find(|f| method_name(f.method) == name)?,
+    };
+    evaluated(f.after_fine_tuning.as_ref()?).0
+}
+
+fn percent(a: Option<f64>) -> String {
+    a.map_or_else(|| "-".into(), |a| format!("{:.2} %", 100.0 * a))
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn state_name(run: &pb::Run) -> String {
+    pb::RunState::try_from(run.state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("RUN_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// The report as an aligned text table with a one-line verdict.
+pub fn text(run: &pb::Run) -> String {
+    let rows = rows(run);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "run {} ({}): {}",
+        run.run_id,
+        run.spec.as_ref().map_or("", |s| &s.name),
+        state_name(run)
+    );
+    if !run.message.is_empty() {
+        let _ = writeln!(out, "  {}", run.message);
+    }
+    if rows.is_empty() {
+        return out;
+    }
+    let w = rows.iter().map(|r| r.model.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(
+        out,
+        "\n{:<w$}  {:>9}  {:>7}  {:>12}",
+        "model", "accuracy", "loss", "parameters"
+    );
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:>9}  {:>7}  {:>12}",
+            r.model,
+            percent(r.accuracy),
+            r.loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
+            group(r.parameters)
+        );
+    }
+    if let Some(report) = &run.report {
+        let fusion: Vec<String> = report
+            .fused
+            .iter()
+            .map(|f| format!("{} {:.3} s", method_name(f.method), f.fusion_seconds))
+            .collect();
+        if !fusion.is_empty() {
+            let _ = writeln!(out, "\nfusion time: {}", fusion.join(", "));
+        }
+        if let Some(t) = &report.timings {
+            if t.wall_seconds > 0.0 {
+                let _ = writeln!(
+                    out,
+                    "wall {:.1} s; task compute {:.1} s; fusion {:.2} s",
+                    t.wall_seconds, t.task_seconds, t.fusion_seconds
+                );
+            }
+        }
+        if let (Some(best), Some(f)) = (best_member(run), report.fused.first()) {
+            if let Some(acc) = fine_tuned_accuracy(run, None) {
+                let verdict = if acc >= best { "at or above" } else { "below" };
+                let _ = writeln!(
+                    out,
+                    "{} after fine-tuning: {:.2} %, {verdict} the best member ({:.2} %, {:+.2} points)",
+                    method_name(f.method),
+                    100.0 * acc,
+                    100.0 * best,
+                    100.0 * (acc - best)
+                );
+            }
+        }
+    }
+    out
+}
+
+/// The report as a Markdown table.
+pub fn markdown(run: &pb::Run) -> String {
+    let mut out = format!(
+        "### Run `{}` ({})\n\n| model | accuracy | loss | parameters |\n| --- | ---: | ---: | ---: |\n",
+        run.run_id,
+        state_name(run)
+    );
+    for r in rows(run) {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            r.model,
+            percent(r.accuracy),
+            r.loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
+            group(r.parameters)
+        );
+    }
+    out
+}
+
+/// The report as CSV (accuracy as a fraction).
+pub fn csv(run: &pb::Run) -> String {
+    let mut out = String::from("model,accuracy,loss,parameters,checkpoint\n");
+    for r in rows(run) {
+        let _ = writeln!(
+            out,
+            "\"{}\",{},{},{},{}",
+            r.model.replace('"', "\"\""),
+            r.accuracy.map_or(String::new(), |a| format!("{a:.6}")),
+            r.loss.map_or(String::new(), |l| format!("{l:.6}")),
+            r.parameters,
+            r.checkpoint
+        );
+    }
+    out
+}
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// Writes the fine-tuning curves (evaluation accuracy per epoch, epoch 0 is
+/// right after fusion) with the members and the ensemble as horizontal
+/// reference lines, as a `width` x `height` PNG.
+pub fn plot(run: &pb::Run, path: &Path, width: u32, height: u32) -> Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::FontStyle;
+
+    let report = run
+        .report
+        .as_ref()
+        .ok_or_else(|| anyhow!("run {} has no report yet", run.run_id))?;
+    // Registering twice is harmless; it fails only for an invalid font.
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded font is invalid"))?;
+
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for f in &report.fused {
+        let name = method_name(f.method);
+        let mut points = Vec::new();
+        if let Some(a) = f.after_fusion.as_ref().and_then(|m| evaluated(m).0) {
+            points.push((0.0, 100.0 * a));
+        }
+        if let Some(c) = report
+            .curves
+            .iter()
+            .find(|c| c.name == format!("{name} fine-tuning"))
+        {
+            points.extend(
+                c.points
+                    .iter()
+                    .map(|p| (f64::from(p.epoch), 100.0 * p.eval_accuracy)),
+            );
+        }
+        if !points.is_empty() {
+            series.push((name, points));
+        }
+    }
+    let references: Vec<(String, f64)> = report
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), 100.0 * m.accuracy))
+        .chain(
+            report
+                .ensemble
+                .as_ref()
+                .map(|e| ("ensemble".to_string(), 100.0 * e.accuracy)),
+        )
+        .filter(|(_, a)| *a > 0.0)
+        .collect();
+    if series.is_empty() && references.is_empty() {
+        return Err(anyhow!("run {} has no curves to plot yet", run.run_id));
+    }
+    let max_epoch = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(e, _)| *e))
+        .fold(1.0f64, f64::max);
+    // Focus on the interesting range: the fine-tuned curves and the references.
+    let tuned_values = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().skip(1).map(|(_, a)| *a))
+        .chain(references.iter().map(|(_, a)| *a));
+    let (lo, hi) = tuned_values.fold((f64::MAX, f64::MIN), |(lo, hi), a| (lo.min(a), hi.max(a)));
+    let (lo, hi) = if lo > hi {
+        (0.0, 100.0)
+    } else {
+        ((lo - 2.0).max(0.0), (hi + 1.0).min(100.0))
+    };
+
+    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!(
+        "{} — accuracy while fine-tuning",
+        run.spec.as_ref().map_or(run.run_id.as_str(), |s| &s.name)
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..max_epoch, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("fine-tuning epoch (0: right after fusion)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("accuracy (%)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        // The accuracy right after fusion is often far below the chart.
+        let label = match points.first() {
+            Some((e, a)) if *e == 0.0 && *a < lo => format!("{name} ({a:.2} % right after fusion)"),
+            _ => name.clone(),
+        };
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+    }
+    for (i, (name, acc)) in references.iter().enumerate() {
+        let color = if name == "ensemble" {
+            RGBColor(230, 120, 0)
+        } else {
+            RGBColor(120, 120, 120 + 30 * (i as u8 % 4))
+        };
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(0.0, *acc), (max_epoch, *acc)],
+                6,
+                4,
+                color.stroke_width(1),
+            ))?
+            .label(format!("{name} ({acc:.2} %)"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(1))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run() -> pb::Run {
+        let model = |name: &str, acc: f64| pb::ModelReport {
+            name: name.into(),
+            accuracy: acc,
+            loss: 0.3,
+            parameters: 1000,
+            checkpoint: format!("{name}.safetensors"),
+        };
+        pb::Run {
+            run_id: "run-1".into(),
+            state: pb::RunState::Succeeded as i32,
+            report: Some(pb::RunReport {
+                members: vec![model("member 0", 0.88), model("member 1", 0.885)],
+                ensemble: Some(model("ensemble", 0.89)),
+                fused: vec![pb::FusedReport {
+                    method: pb::FusionMethod::Nt as i32,
+                    after_fusion: Some(model("nt", 0.86)),
+                    after_fine_tuning: Some(model("nt after fine-tuning", 0.891)),
+                    fusion_seconds: 0.05,
+                    groups: vec![],
+                }],
+                curves: vec![pb::Curve {
+                    name: "nt fine-tuning".into(),
+                    points: (1..=3)
+                        .map(|e| pb::CurvePoint {
+                            epoch: e,
+                            eval_accuracy: 0.87 + 0.007 * f64::from(e),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }],
+                timings: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tables_name_every_model() {
+        let r = run();
+        let t = text(&r);
+        assert!(
+            t.contains("nt after fine-tuning") && t.contains("89.10 %"),
+            "{t}"
+        );
+        assert!(
+            t.contains("at or above the best member (88.50 %, +0.60 points)"),
+            "{t}"
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("| nt right after fusion | 86.00 % | 0.3000 | 1,000 |"),
+            "{md}"
+        );
+        let c = csv(&r);
+        assert_eq!(c.lines().count(), 6);
+        assert!(
+            c.contains("\"ensemble of 2 (mean logits)\",0.890000"),
+            "{c}"
+        );
+        assert_eq!(best_member(&r), Some(0.885));
+    }
+
+    #[test]
+    fn the_plot_is_a_png_of_the_asked_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("curves.png");
+        plot(&run(), &path, 640, 400).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+        let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+        assert_eq!((w, h), (640, 400));
+    }
+}
