@@ -319,6 +319,11 @@ impl Worker {
         };
         self.metrics.tasks.with_label_values(&[outcome_label]).inc();
         self.metrics.running.dec();
+        // Done computing: heartbeats no longer speak for this attempt.
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&task.task_id);
         match outcome {
             Ok(result) => self.complete(&task, result).await,
             Err(TaskError::Stopped(StopReason::Shutdown)) => {
