@@ -185,6 +185,22 @@ pub fn grpc(context: &str, s: nt_proto::tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{context}: {}", nt_client::explain(&s))
 }
 
+/// Submits a spec; the response says whether a request id found an existing run.
+pub async fn submit_spec(
+    client: &mut RunClient,
+    spec: pb::RunSpec,
+    request_id: Option<String>,
+) -> Result<pb::SubmitRunResponse> {
+    Ok(client
+        .submit_run(pb::SubmitRunRequest {
+            spec: Some(spec),
+            request_id: request_id.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| grpc("submitting the run", s))?
+        .into_inner())
+}
+
 /// Follows a run to its end, showing progress, then prints the report.
 pub async fn wait_and_report(
     client: &mut RunClient,
@@ -230,14 +246,7 @@ pub async fn submit(
         }
     }
     let mut client = connect(connect_args).await?;
-    let response = client
-        .submit_run(pb::SubmitRunRequest {
-            spec: Some(spec),
-            request_id: args.request_id.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| grpc("submitting the run", s))?
-        .into_inner();
+    let response = submit_spec(&mut client, spec, args.request_id).await?;
     let run = response.run.clone().unwrap_or_default();
     if !args.wait {
         match output {

@@ -10,7 +10,7 @@ use clap::{Args, Parser};
 use nt_client::{pb, ConnectArgs};
 use tokio_util::sync::CancellationToken;
 
-use super::remote::{grpc, load_spec, wait_and_report, Gates, SpecOverrides};
+use super::remote::{load_spec, submit_spec, wait_and_report, Gates, SpecOverrides};
 use crate::output::OutputFormat;
 
 #[derive(Args)]
@@ -79,15 +79,11 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
     let mut spec = load_spec(&args.spec, &args.overrides)?;
     if !args.local {
         let mut client = nt_client::connect(connect).await?;
-        let r = client
-            .submit_run(pb::SubmitRunRequest {
-                spec: Some(spec),
-                request_id: args.request_id.unwrap_or_default(),
-            })
-            .await
-            .map_err(|s| grpc("submitting the run", s))?
-            .into_inner();
-        let run_id = r.run.unwrap_or_default().run_id;
+        let run_id = submit_spec(&mut client, spec, args.request_id)
+            .await?
+            .run
+            .unwrap_or_default()
+            .run_id;
         return wait_and_report(
             &mut client,
             &run_id,
@@ -149,15 +145,11 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
     };
     let outcome = async {
         let mut client = nt_client::connect(&local).await?;
-        let r = client
-            .submit_run(pb::SubmitRunRequest {
-                spec: Some(spec),
-                request_id: args.request_id.clone().unwrap_or_default(),
-            })
-            .await
-            .map_err(|s| grpc("submitting the run", s))?
-            .into_inner();
-        let run_id = r.run.unwrap_or_default().run_id;
+        let run_id = submit_spec(&mut client, spec, args.request_id.clone())
+            .await?
+            .run
+            .unwrap_or_default()
+            .run_id;
         if output == OutputFormat::Text {
             eprintln!("run {run_id} (store {})", store.display());
         }
