@@ -253,26 +253,59 @@ fn the_ensemble_accuracy_comes_from_averaged_outputs() {
 #[test]
 fn sgd_follows_pytorch_semantics() {
     let _serial = serial();
-    // p = 1, grad = p (loss p^2/2), lr 0.1, momentum 0.9, wd 0.01, nesterov.
-    let p = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
-    let mut sgd = Sgd::new(
-        1,
-        SgdConfig {
-            momentum: 0.9,
-            weight_decay: 0.01,
-            nesterov: true,
-        },
-    );
-    let (mut pv, mut buf) = (1.0f64, 0.0f64);
+    // Two parameters of different shapes, loss sum(p^2)/2 so grad = p; lr 0.1,
+    // momentum 0.9, wd 0.01, nesterov. Each element follows the scalar recurrence.
+    let a = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+    let b = Tensor::from_slice(&[0.5f32, 3.0, -1.5, 4.0])
+        .reshape([2, 2])
+        .set_requires_grad(true);
+    let config = SgdConfig {
+        momentum: 0.9,
+        weight_decay: 0.01,
+        nesterov: true,
+    };
+    let mut sgd = Sgd::new(&[&a, &b], config).unwrap();
+    // Taking the parameters over keeps their values and shapes.
+    assert_eq!(Vec::<f32>::try_from(&a).unwrap(), [1.0, -2.0]);
+    assert_eq!(b.size(), [2, 2]);
+    let start = [1.0f64, -2.0, 0.5, 3.0, -1.5, 4.0];
+    let (mut pv, mut buf) = (start, [0.0f64; 6]);
     for step in 0..3 {
-        Sgd::zero_grad(&[&p]).unwrap();
-        (&p * &p / 2.0).sum(Kind::Float).backward();
-        sgd.step(&[&p], 0.1).unwrap();
-        let d = pv + 0.01 * pv;
-        buf = if step == 0 { d } else { 0.9 * buf + d };
-        pv -= 0.1 * (d + 0.9 * buf);
-        assert!((p.double_value(&[0]) - pv).abs() < 1e-6, "step {step}");
+        let loss = (&a * &a / 2.0).sum(Kind::Float) + (&b * &b / 2.0).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[&loss], &[&a, &b], false, false);
+        sgd.step(&grads, 0.1).unwrap();
+        for i in 0..6 {
+            let d = pv[i] + 0.01 * pv[i];
+            buf[i] = if step == 0 { d } else { 0.9 * buf[i] + d };
+            pv[i] -= 0.1 * (d + 0.9 * buf[i]);
+        }
+        let got: Vec<f32> = Vec::try_from(&a).unwrap();
+        let got_b: Vec<f32> = Vec::try_from(&b.reshape([-1])).unwrap();
+        for (i, g) in got.iter().chain(&got_b).enumerate() {
+            assert!((*g as f64 - pv[i]).abs() < 1e-5, "step {step} element {i}");
+        }
     }
+    // The momentum state round-trips, per parameter and by name.
+    let names = vec!["a".to_string(), "b".to_string()];
+    let state = sgd.state(&names).unwrap();
+    assert_eq!(state.get("b").unwrap().shape(), [2, 2]);
+    let mut again = Sgd::new(&[&a, &b], config).unwrap();
+    again.load_state(&names, &state).unwrap();
+    assert_eq!(
+        again
+            .state(&names)
+            .unwrap()
+            .get("b")
+            .unwrap()
+            .to_tch()
+            .reshape([-1]),
+        state.get("b").unwrap().to_tch().reshape([-1])
+    );
+    // A state holding some buffers but not all is refused, naming the missing one.
+    let mut partial = StateDict::default();
+    partial.insert("a".to_string(), state.get("a").unwrap().clone());
+    let err = again.load_state(&names, &partial).unwrap_err().to_string();
+    assert!(err.contains("`b` is missing"), "{err}");
 }
 
 #[test]

@@ -261,22 +261,24 @@ pub fn train(
         .filter(|p| p.spec.role.trainable())
         .map(|p| p.spec.name.clone())
         .collect();
+    let (start_epoch, mut history, momentum) = match resume {
+        None => (0, Vec::new(), None),
+        Some(state) => {
+            *net = Network::from_state(net.arch(), &state.model, device)?;
+            (state.epoch, state.history, Some(state.momentum))
+        }
+    };
     let mut sgd = Sgd::new(
-        names.len(),
+        &net.trainable(),
         SgdConfig {
             momentum: config.momentum,
             weight_decay: config.weight_decay,
             nesterov: config.nesterov,
         },
-    );
-    let (start_epoch, mut history) = match resume {
-        None => (0, Vec::new()),
-        Some(state) => {
-            *net = Network::from_state(net.arch(), &state.model, device)?;
-            sgd.load_state(&names, &net.trainable(), &state.momentum)?;
-            (state.epoch, state.history)
-        }
-    };
+    )?;
+    if let Some(momentum) = &momentum {
+        sgd.load_state(&names, momentum)?;
+    }
     let distill = if teachers.is_empty() {
         None
     } else {
@@ -331,8 +333,6 @@ pub fn train(
                 }
             };
             let n = y.size()[0] as usize;
-            let params = net.trainable();
-            Sgd::zero_grad(&params)?;
             let logits = net.forward_with(&x, true, precision)?;
             let ce = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
             let loss = match distill {
@@ -353,8 +353,10 @@ pub fn train(
                         .f_add(&ce.f_mul_scalar(1.0 - d.weight)?)?
                 }
             };
-            loss.f_backward()?;
-            sgd.step(&params, lr)?;
+            // Gradients come back as tensors rather than accumulating into
+            // `.grad`, so nothing needs zeroing between steps.
+            let grads = Tensor::f_run_backward(&[&loss], &net.trainable(), false, false)?;
+            sgd.step(&grads, lr)?;
             {
                 let _g = tch::no_grad_guard();
                 let batch_loss = loss.f_detach()?.f_mul_scalar(n as f64)?;
