@@ -287,12 +287,7 @@ impl Worker {
             rx,
             control.clone(),
         ));
-        let device = if task.use_gpu && !self.device.is_cuda() {
-            // The coordinator only sends GPU tasks to GPU workers; be safe anyway.
-            Device::Cpu
-        } else {
-            self.device
-        };
+        let device = task_device(task.device(), self.device);
         let env = Env {
             storage: self.env_storage.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -448,5 +443,32 @@ impl Worker {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Where a task runs on a worker whose own device is `worker`: a run that asked
+/// for the CPU trains on the CPU even on a GPU worker; otherwise the worker's
+/// device (the coordinator sends GPU tasks to GPU workers only).
+fn task_device(requirement: pb::DeviceRequirement, worker: Device) -> Device {
+    match requirement {
+        pb::DeviceRequirement::Cpu => Device::Cpu,
+        pb::DeviceRequirement::Gpu | pb::DeviceRequirement::Unspecified => worker,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cpu_run_stays_on_the_cpu_of_a_gpu_worker() {
+        let gpu = Device::Cuda(0);
+        assert_eq!(task_device(pb::DeviceRequirement::Cpu, gpu), Device::Cpu);
+        assert_eq!(task_device(pb::DeviceRequirement::Gpu, gpu), gpu);
+        assert_eq!(task_device(pb::DeviceRequirement::Unspecified, gpu), gpu);
+        assert_eq!(
+            task_device(pb::DeviceRequirement::Unspecified, Device::Cpu),
+            Device::Cpu
+        );
     }
 }

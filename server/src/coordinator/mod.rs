@@ -442,7 +442,11 @@ impl Coordinator {
             data: entry.record.run.spec.as_ref().and_then(|s| s.data.clone()),
             output_prefix: layout::attempt_prefix(run_id, &local, status.attempt),
             resume_state: status.checkpoint.clone(),
-            use_gpu: plan.device == Device::Gpu,
+            device: match plan.device {
+                Device::Any => pb::DeviceRequirement::Unspecified,
+                Device::Gpu => pb::DeviceRequirement::Gpu,
+                Device::Cpu => pb::DeviceRequirement::Cpu,
+            } as i32,
             eval_batch_size: plan.eval_batch as u32,
             ..Default::default()
         };
