@@ -214,7 +214,8 @@ pub async fn wait_and_report(
     display.finish();
     let run = run?;
     match output {
-        OutputFormat::Json => print_json(&run)?,
+        // The last of the JSON lines the progress events began: one object per line.
+        OutputFormat::Json => println!("{}", serde_json::to_string(&run)?),
         OutputFormat::Text => print!("{}", report::text(&run)),
     }
     if let Some(p) = plot {
