@@ -129,13 +129,17 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
         worker_flags.push(format!("--threads={t}"));
     }
     let worker = nt_worker::Worker::new(nt_worker::WorkerArgs::try_parse_from(worker_flags)?)?;
-    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
-    let interrupt = shutdown.clone();
-    let store_shown = store.display().to_string();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\ninterrupted: the run stays in {store_shown} and continues the next time");
-            interrupt.cancel();
+    // The worker stops first and reports to a coordinator still serving;
+    // stopped together, it would retry its last report for minutes.
+    let worker_shutdown = CancellationToken::new();
+    let worker_task = tokio::spawn(worker.run(worker_shutdown.clone()));
+    let interrupted = CancellationToken::new();
+    tokio::spawn({
+        let interrupted = interrupted.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.cancel();
+            }
         }
     });
 
@@ -145,22 +149,47 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
     };
     let outcome = async {
         let mut client = nt_client::connect(&local).await?;
-        let run_id = submit_spec(&mut client, spec, args.request_id.clone())
-            .await?
-            .run
-            .unwrap_or_default()
-            .run_id;
+        let submitted = tokio::select! {
+            r = submit_spec(&mut client, spec, args.request_id.clone()) => r?,
+            _ = interrupted.cancelled() => bail!("interrupted before the run was submitted"),
+        };
+        let run_id = submitted.run.unwrap_or_default().run_id;
         if output == OutputFormat::Text {
             eprintln!("run {run_id} (store {})", store.display());
         }
         tokio::select! {
             r = wait_and_report(&mut client, &run_id, output, &args.gates, args.plot.as_deref()) => r,
-            _ = shutdown.cancelled() => bail!("interrupted"),
+            _ = interrupted.cancelled() => {
+                // With a request id the same command finds this run again and
+                // the coordinator carries on from its checkpoints; without
+                // one it would start a new run beside this one, so stop it.
+                match &args.request_id {
+                    Some(id) => bail!(
+                        "interrupted: run {run_id} stays in {}; the same command \
+                         (--request-id {id}) continues it",
+                        store.display()
+                    ),
+                    None => {
+                        client
+                            .cancel_run(pb::CancelRunRequest {
+                                run_id: run_id.clone(),
+                                reason: "interrupted (ctrl-c)".into(),
+                            })
+                            .await
+                            .with_context(|| format!("cancelling run {run_id}"))?;
+                        bail!(
+                            "interrupted: run {run_id} cancelled; give --request-id to \
+                             be able to continue an interrupted run"
+                        )
+                    }
+                }
+            }
         }
     }
     .await;
-    shutdown.cancel();
+    worker_shutdown.cancel();
     let _ = worker_task.await;
+    shutdown.cancel();
     let _ = server.await;
     outcome
 }
