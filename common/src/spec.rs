@@ -247,7 +247,7 @@ fn synthetic_to_proto(s: &SyntheticSpec) -> pb::SyntheticData {
         classes: s.classes as u32,
         shape: s.shape.iter().map(|&d| d as u32).collect(),
         seed: s.seed,
-        noise: s.noise,
+        noise: Some(s.noise),
     }
 }
 
@@ -397,7 +397,7 @@ pub fn data_spec(d: &pb::DataSpec) -> DataSpec {
                     _ => def.shape,
                 },
                 seed: s.seed,
-                noise: if s.noise == 0.0 { def.noise } else { s.noise },
+                noise: s.noise.unwrap_or(def.noise),
             }
         }),
     }
@@ -756,5 +756,25 @@ device: any
         };
         let back = train_config(Some(&training_to_proto(&c)), 9, Augment::default());
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn synthetic_noise_zero_survives_the_wire() {
+        let yaml = "data: {dataset: synthetic, synthetic: {noise: 0, train: 64}}\n\
+                    architecture: mlp\nmembers: {count: 2}\n";
+        let wire = RunSpecFile::from_yaml(yaml)
+            .unwrap()
+            .to_proto(std::path::Path::new("."))
+            .unwrap();
+        let data = data_spec(wire.data.as_ref().unwrap());
+        let s = data.synthetic.unwrap();
+        assert_eq!((s.noise, s.train), (0.0, 64));
+        // A wire spec without the field gets the default.
+        let mut d = wire.data.clone().unwrap();
+        d.synthetic.as_mut().unwrap().noise = None;
+        assert_eq!(
+            data_spec(&d).synthetic.unwrap().noise,
+            SyntheticSpec::default().noise
+        );
     }
 }
