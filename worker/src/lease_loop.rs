@@ -266,7 +266,7 @@ impl Worker {
         }
     }
 
-    #[instrument(skip_all, fields(task_id = %task.task_id, attempt = task.attempt, run_id = %task.run_id))]
+    #[instrument(skip_all, fields(worker_id = %self.id(), task_id = %task.task_id, attempt = task.attempt, run_id = %task.run_id))]
     async fn run_task(self: Arc<Self>, task: pb::Task) {
         info!(label = %task.label, "task started");
         let control = Arc::new(TaskControl::default());

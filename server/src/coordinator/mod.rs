@@ -1106,7 +1106,7 @@ impl WorkerApi for Coordinator {
         Ok(out)
     }
 
-    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %req.task_id))]
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %req.task_id, run_id = run_of(&req.task_id)))]
     async fn progress(
         &self,
         worker_id: &str,
@@ -1164,7 +1164,7 @@ impl WorkerApi for Coordinator {
         Ok(pb::TaskDirective::Continue)
     }
 
-    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %task_id, attempt))]
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %task_id, run_id = run_of(task_id), attempt))]
     async fn complete(
         &self,
         worker_id: &str,
@@ -1263,7 +1263,7 @@ impl WorkerApi for Coordinator {
         Ok(())
     }
 
-    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %task_id, attempt))]
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %task_id, run_id = run_of(task_id), attempt))]
     async fn fail(
         &self,
         worker_id: &str,
@@ -1360,4 +1360,9 @@ impl Coordinator {
             me.spawn_fusion(run_id);
         }
     }
+}
+
+/// The run part of a task id, for log spans.
+fn run_of(task_id: &str) -> &str {
+    parse_task_id(task_id).map_or("", |(run, _)| run)
 }
