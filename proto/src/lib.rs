@@ -1,6 +1,9 @@
 //! nt's gRPC API, version 1. Re-exports `tonic` and `prost` so the versions
 //! the generated code needs cannot drift from the ones its users link.
 
+pub mod enum_names;
+pub mod floats;
+
 pub use prost;
 pub use tonic;
 

@@ -391,13 +391,7 @@ pub async fn list(args: ListArgs, connect_args: &ConnectArgs, output: OutputForm
         .map(|r| RunLine {
             run_id: r.run_id.clone(),
             name: r.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-            state: pb::RunState::try_from(r.state)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("RUN_STATE_")
-                        .to_lowercase()
-                })
-                .unwrap_or_default(),
+            state: nt_proto::enum_names::run_state::name(r.state).unwrap_or_default(),
             created_unix_ms: r.created_unix_ms,
             tasks: r.tasks.len(),
             fine_tuned_accuracy: report::fine_tuned_accuracy(r, None),

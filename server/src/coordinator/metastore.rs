@@ -106,9 +106,15 @@ impl Metastore {
             let Some((bytes, version)) = self.storage.get(&key).await? else {
                 continue;
             };
-            let record: RunRecord = serde_json::from_slice(&bytes).map_err(|e| {
-                CoordinatorError::Internal(format!("{key} is not a run document: {e}"))
-            })?;
+            // One unreadable document must not keep every other run from
+            // being served: it is left in place, untouched, and reported.
+            let record: RunRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(key = %key, error = %e, "skipping a run document that does not parse");
+                    continue;
+                }
+            };
             let writer = self.writer(&record.run.run_id);
             let mut w = writer.lock().await;
             w.revision = record.revision;
