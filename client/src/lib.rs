@@ -96,6 +96,10 @@ pub fn explain(status: &nt_proto::tonic::Status) -> String {
     let hint = match status.code() {
         Code::Unauthenticated => " (check --token or NT_TOKEN)",
         Code::Unavailable => " (is the coordinator up? check --endpoint)",
+        // What a plain-text client sees from a TLS port.
+        _ if status.message().contains("h2 protocol error") => {
+            " (does the coordinator serve TLS? then use an https:// endpoint)"
+        }
         _ => "",
     };
     format!("{:?}: {}{hint}", status.code(), status.message())

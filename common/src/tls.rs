@@ -17,11 +17,19 @@ pub struct ServerTlsArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+/// Makes ring the process's rustls crypto provider (once; later calls do
+/// nothing). Two providers are linked (ring through tonic, aws-lc-rs through
+/// reqwest), and a rustls server config built without a default panics.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl ServerTlsArgs {
     pub fn config(&self) -> Result<Option<ServerTlsConfig>> {
         match (&self.tls_cert, &self.tls_key) {
             (None, None) => Ok(None),
             (Some(c), Some(k)) => {
+                install_crypto_provider();
                 let cert = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
                 let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
                 Ok(Some(
@@ -46,6 +54,7 @@ pub struct ClientTlsArgs {
 
 impl ClientTlsArgs {
     pub fn config(&self) -> Result<ClientTlsConfig> {
+        install_crypto_provider();
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &self.tls_ca {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
