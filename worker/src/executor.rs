@@ -93,7 +93,8 @@ impl From<fusion::FusionError> for TaskError {
 
 /// A progress message for the coordinator.
 pub struct ProgressMessage {
-    pub progress: pb::TaskProgress,
+    /// None for a message that only announces a checkpoint.
+    pub progress: Option<pb::TaskProgress>,
     pub checkpoint: Option<(String, u32)>,
     pub epoch: Option<pb::CurvePoint>,
 }
@@ -208,7 +209,7 @@ struct Hooks<'a> {
 impl TrainHooks for Hooks<'_> {
     fn progress(&mut self, p: &Progress) -> Control {
         let msg = ProgressMessage {
-            progress: pb::TaskProgress {
+            progress: Some(pb::TaskProgress {
                 epoch: p.epoch as u32,
                 epochs: p.epochs as u32,
                 step: p.step as u32,
@@ -221,7 +222,7 @@ impl TrainHooks for Hooks<'_> {
                     .epoch_end
                     .as_ref()
                     .and_then(|e| e.eval.map(|v| v.accuracy)),
-            },
+            }),
             checkpoint: None,
             epoch: p.epoch_end.as_ref().map(curve_point),
         };
@@ -246,7 +247,7 @@ impl TrainHooks for Hooks<'_> {
             return Ok(());
         }
         let _ = self.progress.send(ProgressMessage {
-            progress: pb::TaskProgress::default(),
+            progress: None,
             checkpoint: Some((key, epoch as u32)),
             epoch: None,
         });

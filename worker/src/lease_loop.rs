@@ -269,6 +269,7 @@ impl Worker {
     #[instrument(skip_all, fields(worker_id = %self.id(), task_id = %task.task_id, attempt = task.attempt, run_id = %task.run_id))]
     async fn run_task(self: Arc<Self>, task: pb::Task) {
         info!(label = %task.label, "task started");
+        self.metrics.running.inc();
         let control = Arc::new(TaskControl::default());
         self.running
             .lock()
@@ -360,17 +361,15 @@ impl Worker {
                 if m.checkpoint.is_none() && m.epoch.is_none() && Some(i) != last_plain {
                     continue;
                 }
-                if m.progress.samples_per_second > 0.0 {
-                    self.metrics
-                        .samples_per_second
-                        .set(m.progress.samples_per_second);
+                if let Some(p) = m.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
+                    self.metrics.samples_per_second.set(p.samples_per_second);
                 }
                 let (checkpoint, checkpoint_epoch) = m.checkpoint.unwrap_or_default();
                 let req = pb::ReportProgressRequest {
                     worker_id: self.id(),
                     task_id: task_id.clone(),
                     attempt,
-                    progress: Some(m.progress),
+                    progress: m.progress,
                     checkpoint,
                     checkpoint_epoch,
                     epoch: m.epoch,

@@ -1121,7 +1121,8 @@ impl WorkerApi for Coordinator {
             if let Some(l) = st.leases.get_mut(&req.task_id) {
                 l.deadline = Instant::now() + self.config.lease_ttl;
             }
-            if let Some(p) = &req.progress {
+            // The last training throughput (evaluations report none).
+            if let Some(p) = req.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
                 self.metrics
                     .set_samples_per_second(worker_id, p.samples_per_second);
             }
@@ -1129,7 +1130,10 @@ impl WorkerApi for Coordinator {
                 return Ok(pb::TaskDirective::LeaseLost);
             };
             let status = &mut entry.record.run.tasks[i];
-            status.progress = req.progress;
+            // A checkpoint-only report carries no progress: keep the last.
+            if req.progress.is_some() {
+                status.progress = req.progress;
+            }
             let label = status.label.clone();
             let mut durable = false;
             if !req.checkpoint.is_empty()
@@ -1144,14 +1148,16 @@ impl WorkerApi for Coordinator {
                 curve.retain(|p| p.epoch < point.epoch);
                 curve.push(point);
             }
-            Self::emit(
-                entry,
-                pb::run_event::Event::TaskProgress(pb::TaskProgressed {
-                    task_id: req.task_id.clone(),
-                    label,
-                    progress: req.progress,
-                }),
-            );
+            if req.progress.is_some() {
+                Self::emit(
+                    entry,
+                    pb::run_event::Event::TaskProgress(pb::TaskProgressed {
+                        task_id: req.task_id.clone(),
+                        label,
+                        progress: req.progress,
+                    }),
+                );
+            }
             if durable {
                 Some(Self::snapshot(entry)?)
             } else {
