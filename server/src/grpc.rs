@@ -42,6 +42,8 @@ fn timer<'a>(coordinator: &'a Coordinator, method: &'static str) -> Timer<'a> {
 pub struct RunService {
     pub coordinator: Arc<Coordinator>,
     pub client_token: Option<String>,
+    /// Ends live watches on shutdown, so open streams do not hold it up.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
@@ -117,17 +119,28 @@ impl pb::run_service_server::RunService for RunService {
         let live_stream: EventStream = match (live, ended) {
             (Some(rx), false) => {
                 let run_id = r.run_id.clone();
+                let shutdown = self.shutdown.clone();
                 // Ends right after the final state (not at the next event, which never comes).
                 Box::pin(futures_util::stream::unfold(
                     (BroadcastStream::new(rx), last, false),
                     move |(mut rx, mut last, done)| {
                         let run_id = run_id.clone();
+                        let shutdown = shutdown.clone();
                         async move {
                             if done {
                                 return None;
                             }
                             loop {
-                                match rx.next().await {
+                                let next = tokio::select! {
+                                    next = rx.next() => next,
+                                    _ = shutdown.cancelled() => {
+                                        let status = Status::unavailable(format!(
+                                            "the coordinator is shutting down; watch run `{run_id}` again from sequence {last}"
+                                        ));
+                                        return Some((Err(status), (rx, last, true)));
+                                    }
+                                };
+                                match next {
                                     None => return None,
                                     Some(Ok(ev)) if ev.sequence <= last => continue,
                                     Some(Ok(ev)) => {

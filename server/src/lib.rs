@@ -45,6 +45,7 @@ pub async fn serve(
     let run_service = pb::run_service_server::RunServiceServer::new(grpc::RunService {
         coordinator: coordinator.clone(),
         client_token: token(&args.client_token),
+        shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(args.max_message_bytes);
     let worker_service = pb::worker_service_server::WorkerServiceServer::new(grpc::WorkerService {
@@ -77,7 +78,8 @@ pub async fn serve(
     }
     tracing::info!(addr = %listener.local_addr()?, "serving");
     let health_shutdown = health_reporter.clone();
-    builder
+    let drain_deadline = shutdown.clone();
+    let serving = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(run_service)
@@ -94,7 +96,18 @@ pub async fn serve(
             health_shutdown
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
-        })
-        .await?;
+        });
+    // Graceful shutdown waits for every connection; a client holding a
+    // stream open (a health watch, say) must not keep the process alive.
+    tokio::select! {
+        r = serving => r?,
+        _ = async {
+            drain_deadline.cancelled().await;
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        } => tracing::warn!(seconds = DRAIN_LIMIT.as_secs(), "connections still open after shutdown; closing them"),
+    }
     Ok(())
 }
+
+/// How long a shutdown waits for open connections.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
