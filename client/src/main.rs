@@ -99,11 +99,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`ntctl list | head`), as other tools do,
+    // instead of panicking in println!.
+    // SAFETY: setting a signal disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = nt_client::config::apply() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
-    let cli = Cli::parse();
+    // Exit codes 2 and 3 mean a failed run and a missed gate, so a usage
+    // error exits 1 (help and version still exit 0).
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 });
+    });
     if let Err(e) = run(cli) {
         let code = e.downcast_ref::<Exit>().map_or(1, |x| x.code);
         eprintln!("error: {e:#}");

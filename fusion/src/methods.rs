@@ -62,7 +62,7 @@ impl std::str::FromStr for Method {
             .into_iter()
             .find(|m| m.as_str() == s)
             .ok_or_else(|| {
-                FusionError::spec(format!(
+                FusionError::Unsupported(format!(
                     "unknown fusion method `{s}` (known: {})",
                     Method::ALL.map(Method::as_str).join(", ")
                 ))

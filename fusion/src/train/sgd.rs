@@ -45,7 +45,7 @@ impl Sgd {
         let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
         for p in params {
             if p.device() != device || p.kind() != Kind::Float {
-                return Err(FusionError::spec(format!(
+                return Err(FusionError::Unsupported(format!(
                     "sgd needs float32 parameters on one device; found {:?} on {:?} beside {:?}",
                     p.kind(),
                     p.device(),
@@ -98,7 +98,7 @@ impl Sgd {
     /// `torch.optim.SGD` would skip it. The built-in architectures have none.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         if grads.len() != self.layout.len() {
-            return Err(FusionError::spec(format!(
+            return Err(FusionError::Unsupported(format!(
                 "sgd got {} gradients for {} parameters",
                 grads.len(),
                 self.layout.len()
