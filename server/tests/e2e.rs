@@ -5,8 +5,11 @@
 // on separate runtimes and must not overlap.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::await_holding_lock)]
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
+use nt_common::auth::BearerToken;
 use nt_common::layout;
 use nt_proto::tonic::Code;
 use nt_proto::v1 as pb;
@@ -548,11 +551,11 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
     let mut huge = small_spec(1, 1000);
     huge.labels.insert("padding".into(), "x".repeat(5 << 20));
     let e = client.submit_run(submit(huge)).await.unwrap_err();
+    // tonic's code for a request over --max-message-bytes.
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     assert!(
-        matches!(
-            e.code(),
-            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
-        ),
+        e.message().contains("message length too large")
+            && e.message().contains("the limit is: 4194304 bytes"),
         "{e:?}"
     );
 
@@ -654,4 +657,676 @@ async fn health_checks_and_metrics_are_open_and_a_sigterm_worker_releases_its_ta
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The value of one series (`name` or `name{label="value"}`) in a Prometheus
+/// text exposition.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().unwrap())
+    })
+}
+
+/// Polls `GET path` on 127.0.0.1:`port` until `done` holds for the status and
+/// body, failing with every log after a minute.
+async fn poll_http(
+    c: &Cluster,
+    port: u16,
+    path: &str,
+    done: impl Fn(u16, &str) -> bool,
+) -> (u16, String) {
+    let start = Instant::now();
+    loop {
+        let got = cluster::http_get(port, path);
+        if let Some((code, body)) = &got {
+            if done(*code, body) {
+                return (*code, body.clone());
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "GET 127.0.0.1:{port}{path}: last answer {got:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn scrape(c: &Cluster, port: u16, path: &str) -> String {
+    let (code, body) = cluster::http_get(port, path)
+        .unwrap_or_else(|| panic!("GET 127.0.0.1:{port}{path}: no answer\n{}", c.logs()));
+    assert_eq!(code, 200, "GET 127.0.0.1:{port}{path}: {body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_worker_health_describe_a_completed_run() {
+    let _serial = serial();
+    let mut c = Cluster::new(StoreKind::S3);
+    let metrics_port = cluster::free_port();
+    let health_port = cluster::free_port();
+    c.metrics_port = Some(metrics_port);
+    c.worker_args
+        .push(format!("--health-listen=127.0.0.1:{health_port}"));
+
+    // The worker starts before the coordinator: until it has registered, its
+    // /healthz says so.
+    c.start_worker("w1");
+    let (code, body) = poll_http(&c, health_port, "/healthz", |_, _| true).await;
+    assert_eq!((code, body.as_str()), (503, "not registered yet"));
+    let m = scrape(&c, health_port, "/metrics");
+    assert_eq!(metric(&m, "nt_worker_registered"), Some(0.0), "{m}");
+    c.start_server();
+    let (_, body) = poll_http(&c, health_port, "/healthz", |code, _| code == 200).await;
+    assert_eq!(body, "ok");
+    let (code, body) = cluster::http_get(metrics_port, "/healthz").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+
+    let run_id = submit(&c, small_spec(1, 2000), "")
+        .await
+        .run
+        .unwrap()
+        .run_id;
+    let run = c.wait_for(&run_id, LONG, is_final).await;
+    assert_eq!(
+        state(&run),
+        pb::RunState::Succeeded,
+        "{}: {}",
+        run.message,
+        c.logs()
+    );
+    let tasks = run.tasks.len() as f64;
+    assert!(
+        run.tasks.iter().all(|t| t.attempt == 1),
+        "one worker, no failures: {:?}",
+        run.tasks
+    );
+    // Each training task's last progress is its last epoch: epoch
+    // checkpoints, reported after it, do not reset it.
+    for t in run.tasks.iter().filter(|t| t.label != "evaluation") {
+        let p = t.progress.as_ref().unwrap();
+        assert!(p.epochs > 0 && p.epoch == p.epochs, "{}: {p:?}", t.label);
+    }
+
+    // The coordinator. The last CompleteTask is timed when its handler
+    // returns, just after the run turned Succeeded.
+    let complete = r#"nt_rpc_duration_seconds_count{method="CompleteTask"}"#;
+    let (_, m) = poll_http(&c, metrics_port, "/metrics", |code, body| {
+        code == 200 && metric(body, complete) == Some(tasks)
+    })
+    .await;
+    let expect = |series: &str, value: f64| {
+        assert_eq!(metric(&m, series), Some(value), "{series} in\n{m}");
+    };
+    expect(r#"nt_runs{state="succeeded"}"#, 1.0);
+    expect(r#"nt_tasks{state="succeeded"}"#, tasks);
+    expect("nt_queue_depth_tasks", 0.0);
+    expect("nt_workers", 1.0);
+    expect("nt_runs_submitted_total", 1.0);
+    expect("nt_leases_total", tasks);
+    expect("nt_lease_expiries_total", 0.0);
+    expect("nt_fusion_duration_seconds_count", 1.0);
+    expect(r#"nt_rpc_duration_seconds_count{method="SubmitRun"}"#, 1.0);
+    expect(
+        r#"nt_rpc_duration_seconds_count{method="RegisterWorker"}"#,
+        1.0,
+    );
+    for series in [
+        r#"nt_rpc_duration_seconds_count{method="GetRun"}"#,
+        r#"nt_rpc_duration_seconds_count{method="ReportProgress"}"#,
+        "nt_fusion_duration_seconds_sum",
+    ] {
+        assert!(metric(&m, series).unwrap_or(0.0) > 0.0, "{series} in\n{m}");
+    }
+    for kind in [
+        pb::TaskKind::Train,
+        pb::TaskKind::FineTune,
+        pb::TaskKind::Evaluate,
+    ] {
+        let n = run.tasks.iter().filter(|t| t.kind == kind as i32).count();
+        assert!(n > 0, "no {kind:?} task in {:?}", run.tasks);
+        let name = kind.as_str_name();
+        expect(
+            &format!(r#"nt_task_duration_seconds_count{{kind="{name}"}}"#),
+            n as f64,
+        );
+        if kind != pb::TaskKind::Evaluate {
+            let sum = metric(
+                &m,
+                &format!(r#"nt_task_duration_seconds_sum{{kind="{name}"}}"#),
+            );
+            assert!(sum.unwrap_or(0.0) > 0.0, "{name} took no time in\n{m}");
+        }
+    }
+    // The worker's last reported training throughput, under its worker id.
+    let sps: Vec<f64> = m
+        .lines()
+        .filter(|l| l.starts_with(r#"nt_samples_per_second{worker="w1-"#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(sps.len(), 1, "{m}");
+    assert!(sps[0] > 0.0, "{m}");
+    // The worker ran every task and runs none now.
+    let m = scrape(&c, health_port, "/metrics");
+    let expect = |series: &str, value: f64| {
+        assert_eq!(metric(&m, series), Some(value), "{series} in\n{m}");
+    };
+    expect("nt_worker_registered", 1.0);
+    expect("nt_worker_running_tasks", 0.0);
+    expect(r#"nt_worker_tasks_total{outcome="completed"}"#, tasks);
+    assert!(
+        metric(&m, "nt_worker_samples_per_second").unwrap_or(0.0) > 0.0,
+        "{m}"
+    );
+    let (code, body) = cluster::http_get(health_port, "/healthz").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_worker_token_is_unauthenticated_and_changes_nothing() {
+    let _serial = serial();
+    let mut c = Cluster::new(StoreKind::S3);
+    let metrics_port = cluster::free_port();
+    c.metrics_port = Some(metrics_port);
+    // No lease expires while the test looks.
+    c.lease_ttl_ms = 120_000;
+    c.start_server();
+    let run_id = submit(&c, small_spec(1, 1000), "")
+        .await
+        .run
+        .unwrap()
+        .run_id;
+    // An honest worker holds the lease of one task.
+    let register = |name: &str| pb::RegisterWorkerRequest {
+        name: name.into(),
+        capabilities: Some(pb::WorkerCapabilities {
+            slots: 1,
+            ..Default::default()
+        }),
+        version: "test".into(),
+    };
+    let mut honest = c.worker_client().await;
+    let worker_id = honest
+        .register_worker(register("honest"))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let leased = honest
+        .lease_task(pb::LeaseTaskRequest {
+            worker_id: worker_id.clone(),
+            wait_ms: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let storage = c.storage();
+    let key = layout::attempt_model(&leased.output_prefix);
+    storage
+        .put(&key, member_bytes("mlp:hidden=64,depth=2", 1).into())
+        .await
+        .unwrap();
+    let summary = |r: &pb::Run| {
+        (
+            r.state,
+            r.tasks
+                .iter()
+                .map(|t| {
+                    (
+                        t.label.clone(),
+                        t.state,
+                        t.attempt,
+                        t.worker_id.clone(),
+                        t.checkpoint.clone(),
+                        t.error.clone(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let run_before = summary(&get_run(&c, &run_id).await);
+    let objects_before = c.objects().await;
+    let (doc_before, _) = storage
+        .get(&layout::run_doc(&run_id))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // A wrong token, the client's token, and no token: every worker call is
+    // refused, saying why.
+    for (token, why) in [
+        ("wrong", "invalid worker token"),
+        (cluster::CLIENT_TOKEN, "invalid worker token"),
+        (
+            "",
+            "missing bearer token: this service needs the worker token",
+        ),
+    ] {
+        let mut bad = c.worker_client_with_token(token).await;
+        let lease = || pb::TaskLease {
+            task_id: leased.task_id.clone(),
+            attempt: leased.attempt,
+        };
+        let errors = [
+            bad.register_worker(register("intruder")).await.map(drop),
+            bad.lease_task(pb::LeaseTaskRequest {
+                worker_id: worker_id.clone(),
+                wait_ms: 100,
+            })
+            .await
+            .map(drop),
+            bad.heartbeat(pb::HeartbeatRequest {
+                worker_id: worker_id.clone(),
+                tasks: vec![lease()],
+            })
+            .await
+            .map(drop),
+            bad.report_progress(pb::ReportProgressRequest {
+                worker_id: worker_id.clone(),
+                task_id: leased.task_id.clone(),
+                attempt: leased.attempt,
+                checkpoint: key.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+            bad.complete_task(pb::CompleteTaskRequest {
+                worker_id: worker_id.clone(),
+                task_id: leased.task_id.clone(),
+                attempt: leased.attempt,
+                result: Some(pb::TaskResult {
+                    checkpoint: key.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(drop),
+            bad.fail_task(pb::FailTaskRequest {
+                worker_id: worker_id.clone(),
+                task_id: leased.task_id.clone(),
+                attempt: leased.attempt,
+                error: "intruder".into(),
+                retryable: false,
+            })
+            .await
+            .map(drop),
+        ];
+        for (i, r) in errors.into_iter().enumerate() {
+            let e = r.expect_err("a call with a bad token succeeded");
+            assert_eq!(
+                e.code(),
+                Code::Unauthenticated,
+                "call {i}, token {token:?}: {e:?}"
+            );
+            assert_eq!(e.message(), why, "call {i}, token {token:?}");
+        }
+    }
+
+    // A worker process with a wrong token stops at once and says why.
+    c.worker_token = "wrong".into();
+    c.start_worker("intruder");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c
+            .workers
+            .get_mut("intruder")
+            .unwrap()
+            .child
+            .try_wait()
+            .unwrap()
+        {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker with a wrong token kept running:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&c.workers["intruder"].log).unwrap();
+    assert!(
+        log.contains("registration refused: invalid worker token"),
+        "{log}"
+    );
+
+    // Nothing changed: the run, the store, the registered workers.
+    assert_eq!(summary(&get_run(&c, &run_id).await), run_before);
+    assert_eq!(c.objects().await, objects_before, "the store changed");
+    let (doc_after, _) = storage
+        .get(&layout::run_doc(&run_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc_after, doc_before, "the run document changed");
+    let m = scrape(&c, metrics_port, "/metrics");
+    assert_eq!(metric(&m, "nt_workers"), Some(1.0), "{m}");
+    // And the honest worker still holds its lease.
+    let hb = honest
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id,
+            tasks: vec![pb::TaskLease {
+                task_id: leased.task_id.clone(),
+                attempt: leased.attempt,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(hb.tasks[0].directive, pb::TaskDirective::LeaseLost as i32);
+}
+
+async fn get_run(c: &Cluster, run_id: &str) -> pb::Run {
+    c.client()
+        .await
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the TLS test needs the openssl command");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway CA, and a server certificate and key it signed for 127.0.0.1
+/// and localhost: (CA, certificate, key).
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nt e2e test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
+         basicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// The real ntctl, untouched by the environment and config files.
+fn ntctl() -> Command {
+    let mut c = Command::new(cluster::binary("ntctl"));
+    c.env_remove("NT_ENDPOINT")
+        .env_remove("NT_TOKEN")
+        .env_remove("NT_OUTPUT")
+        .env_remove("NT_CONFIG")
+        .env_remove("NT_TLS_CA")
+        .env_remove("NT_TLS_DOMAIN")
+        .env("XDG_CONFIG_HOME", "/nonexistent");
+    c
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_and_workers_that_trust_its_ca_and_refuses_plain_text() {
+    let _serial = serial();
+    let mut c = Cluster::new(StoreKind::Local);
+    let (ca, cert, key) = make_certs(&c.dir.path().join("certs"));
+    c.server_args.push(format!("--tls-cert={}", cert.display()));
+    c.server_args.push(format!("--tls-key={}", key.display()));
+    c.start_server();
+    tls_clients_and_workers(&mut c, &ca).await;
+}
+
+/// Against a TLS coordinator on `c.port` with a certificate `ca` signed: the
+/// client library and ntctl with the CA work; without it, or in plain text,
+/// they fail saying so; a worker with the CA registers and leases.
+async fn tls_clients_and_workers(c: &mut Cluster, ca: &Path) {
+    let https = format!("https://127.0.0.1:{}", c.port);
+
+    // The client library's TLS settings, with the CA.
+    let tls = nt_common::tls::ClientTlsArgs {
+        tls_ca: Some(ca.to_path_buf()),
+        tls_domain: None,
+    }
+    .config()
+    .unwrap();
+    let channel = nt_proto::tonic::transport::Endpoint::from_shared(https.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect: {e:?}\n{}", c.logs()));
+    let mut client = pb::run_service_client::RunServiceClient::with_interceptor(
+        channel,
+        BearerToken::new(Some(cluster::CLIENT_TOKEN)).unwrap(),
+    );
+    let run_id = client
+        .submit_run(pb::SubmitRunRequest {
+            spec: Some(small_spec(1, 1000)),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .run_id;
+
+    // ntctl with the CA lists the run.
+    let out = ntctl()
+        .args(["--endpoint", &https, "--tls-ca"])
+        .arg(ca)
+        .args(["--token", cluster::CLIENT_TOKEN, "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains(&run_id), "{}", text(&out.stdout));
+
+    // Without the CA, the certificate is not trusted.
+    let out = ntctl()
+        .args([
+            "--endpoint",
+            &https,
+            "--token",
+            cluster::CLIENT_TOKEN,
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cannot reach the coordinator") && err.contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    // Plain text to the TLS port fails, and the server goes on serving TLS.
+    // The message is not checked yet: ntctl says `Internal: h2 protocol
+    // error: http2 error`, the library `Unknown: transport error`; neither
+    // mentions TLS.
+    let out = ntctl()
+        .args([
+            "--endpoint",
+            &format!("http://127.0.0.1:{}", c.port),
+            "--token",
+            cluster::CLIENT_TOKEN,
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).starts_with("error: "),
+        "{}",
+        text(&out.stderr)
+    );
+    c.client()
+        .await
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .expect_err("a plain-text call to a TLS port succeeded");
+    let listed = client
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.runs.len(), 1);
+
+    // A worker dials over TLS with the CA, registers and leases a task.
+    let health_port = cluster::free_port();
+    c.coordinator_url = Some(https);
+    c.worker_args.push(format!("--tls-ca={}", ca.display()));
+    c.worker_args
+        .push(format!("--health-listen=127.0.0.1:{health_port}"));
+    c.start_worker("tls");
+    poll_http(c, health_port, "/healthz", |code, _| code == 200).await;
+    let start = Instant::now();
+    loop {
+        let run = client
+            .get_run(pb::GetRunRequest {
+                run_id: run_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if run.tasks.iter().any(|t| t.worker_id.starts_with("tls")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the TLS worker leased nothing: {:?}\n{}",
+            run.tasks,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_turns_not_serving_on_sigterm_then_exits() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let _serial = serial();
+    let mut c = Cluster::new(StoreKind::Local);
+    c.start_server();
+    let channel =
+        nt_proto::tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", c.port))
+            .unwrap()
+            .connect_lazy();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let services = ["", "nt.v1.RunService", "nt.v1.WorkerService"];
+    let mut watches = Vec::new();
+    for service in services {
+        let mut stream = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status, ServingStatus::Serving as i32, "{service:?}");
+        watches.push(stream);
+    }
+    c.server.as_mut().unwrap().terminate();
+    for (service, stream) in services.iter().zip(watches.iter_mut()) {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{service:?} still serving after SIGTERM\n{}", c.logs()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.status, ServingStatus::NotServing as i32, "{service:?}");
+    }
+    // With its last connection gone, the coordinator exits cleanly. It waits
+    // for every open stream first, however long: an open WatchRun on an
+    // unfinished run keeps a SIGTERM'd coordinator up indefinitely today.
+    drop(watches);
+    drop(health);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = c.server.as_mut().unwrap().child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the coordinator did not exit after SIGTERM:\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}\n{}", c.logs());
 }

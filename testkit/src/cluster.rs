@@ -229,6 +229,10 @@ pub struct Cluster {
     /// More flags for nt-server and nt-worker.
     pub server_args: Vec<String>,
     pub worker_args: Vec<String>,
+    /// The token workers send (default [`WORKER_TOKEN`]).
+    pub worker_token: String,
+    /// The address workers dial (default `http://127.0.0.1:{port}`).
+    pub coordinator_url: Option<String>,
 }
 
 impl Cluster {
@@ -253,6 +257,8 @@ impl Cluster {
                 "--threads=1".into(),
                 "--shutdown-grace-secs=2".into(),
             ],
+            worker_token: WORKER_TOKEN.into(),
+            coordinator_url: None,
         }
     }
 
@@ -323,8 +329,13 @@ impl Cluster {
         let mut cmd = Command::new(binary("nt-worker"));
         cmd.args(&args)
             .envs(env)
-            .arg(format!("--coordinator=http://127.0.0.1:{}", self.port))
-            .arg(format!("--worker-token={WORKER_TOKEN}"))
+            .arg(format!(
+                "--coordinator={}",
+                self.coordinator_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+            ))
+            .arg(format!("--worker-token={}", self.worker_token))
             .arg(format!("--name={name}"))
             .args(&self.worker_args)
             .env("RUST_LOG", "info");
@@ -368,12 +379,17 @@ impl Cluster {
     }
 
     pub async fn worker_client(&self) -> WorkerClient {
+        self.worker_client_with_token(WORKER_TOKEN).await
+    }
+
+    /// A worker-service client sending `token` (empty: no token at all).
+    pub async fn worker_client_with_token(&self, token: &str) -> WorkerClient {
         let channel = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
             .unwrap()
             .connect_lazy();
         pb::worker_service_client::WorkerServiceClient::with_interceptor(
             channel,
-            BearerToken::new(Some(WORKER_TOKEN)).unwrap(),
+            BearerToken::new(Some(token)).unwrap(),
         )
     }
 
