@@ -23,11 +23,13 @@ as_root() {
   fi
 }
 
-# Debian packages: the embedded data set, and GNU time for the benchmarks' peak memory.
+# Debian packages: the embedded data set, GNU time for the benchmarks' peak
+# memory, and openssl for the TLS test's throwaway certificates.
 missing=()
 [ -f "$NT_FASHION_MNIST/train-images-idx3-ubyte.gz" ] || [ -f "$NT_FASHION_MNIST/train-images-idx3-ubyte" ] ||
   missing+=(dataset-fashion-mnist)
 [ -x /usr/bin/time ] || missing+=(time)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   as_root apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || {
