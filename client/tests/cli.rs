@@ -873,3 +873,69 @@ async fn the_beat_members_gate_passes_and_misses() {
         "{stderr}"
     );
 }
+
+/// Polls `cond` every 50 ms for up to `secs` seconds.
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(secs) {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn ctrl_c_cancels_a_local_run_and_exits_at_once() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("spec.yaml"), SYNTHETIC_SPEC).unwrap();
+    let mut job = background(
+        offline(d).args([
+            "run",
+            "spec.yaml",
+            "--local",
+            "--store",
+            "store",
+            "--epochs",
+            "100000",
+        ]),
+        d,
+        "local",
+    );
+    // Progress goes to stderr.
+    let progress = d.join("local.err");
+    assert!(
+        eventually(120, || std::fs::read_to_string(&progress)
+            .unwrap_or_default()
+            .contains("epoch 2/")),
+        "no training progress: {}",
+        std::fs::read_to_string(&progress).unwrap_or_default()
+    );
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(job.child.id() as i32, libc::SIGINT);
+    }
+    // It used to take minutes: the worker retried against the stopped coordinator.
+    let exited = eventually(20, || job.child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = job.child.kill();
+    }
+    let err = std::fs::read_to_string(d.join("local.err")).unwrap();
+    assert!(exited, "still running 20 s after Ctrl-C:\n{err}");
+    assert_eq!(job.child.wait().unwrap().code(), Some(1), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("cancelled"),
+        "{err}"
+    );
+    // Without a request id the run is cancelled, not left to resume beside the next one.
+    let doc = std::fs::read_dir(d.join("store/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("run.json"))
+        .find(|p| p.exists())
+        .expect("a run document");
+    let doc = json(&std::fs::read_to_string(doc).unwrap());
+    assert_eq!(doc["run"]["state"], "cancelled", "{doc}");
+}

@@ -142,13 +142,25 @@ impl Gates {
             }
         }
         if self.beat_members {
-            if let (Some(a), Some(best)) = (acc, report::best_member(run)) {
-                if a < best {
+            match (acc, report::best_member(run)) {
+                (Some(a), Some(best)) if a < best => {
                     return Err(Exit::gate(format!(
                         "quality gate missed: accuracy after fine-tuning {:.2} % < best member {:.2} %",
                         100.0 * a,
                         100.0 * best
                     )));
+                }
+                (Some(_), Some(_)) => {}
+                // A gate that cannot be checked is missed, as for --min-accuracy.
+                (None, _) => {
+                    return Err(Exit::gate(
+                        "quality gate: the run has no fine-tuned accuracy",
+                    ))
+                }
+                (_, None) => {
+                    return Err(Exit::gate(
+                        "quality gate: the run has no member accuracy to beat",
+                    ))
                 }
             }
         }
@@ -603,4 +615,48 @@ pub async fn report(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(members: &[f64], fine_tuned: Option<f64>) -> pb::Run {
+        let model = |a: f64| pb::ModelReport {
+            accuracy: a,
+            loss: 0.5,
+            ..Default::default()
+        };
+        pb::Run {
+            state: pb::RunState::Succeeded as i32,
+            report: Some(pb::RunReport {
+                members: members.iter().map(|&a| model(a)).collect(),
+                fused: vec![pb::FusedReport {
+                    method: pb::FusionMethod::Nt as i32,
+                    after_fine_tuning: fine_tuned.map(model),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn code(r: Result<()>) -> Option<i32> {
+        r.err()
+            .map(|e| e.downcast_ref::<Exit>().map_or(1, |x| x.code))
+    }
+
+    #[test]
+    fn beat_members_needs_something_to_compare() {
+        let gates = Gates {
+            beat_members: true,
+            ..Default::default()
+        };
+        assert_eq!(code(gates.check(&run(&[0.8, 0.85], Some(0.86)))), None);
+        assert_eq!(code(gates.check(&run(&[0.8, 0.85], Some(0.84)))), Some(3));
+        // No fine-tuned accuracy, or no members: missed, not passed.
+        assert_eq!(code(gates.check(&run(&[0.8, 0.85], None))), Some(3));
+        assert_eq!(code(gates.check(&run(&[], Some(0.9)))), Some(3));
+    }
 }
