@@ -16,6 +16,13 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
+
+# Kustomize cannot read outside its folder, so the nightly spec lives twice:
+# in examples/ (checked by the spec tests) and in the prod overlay.
+if ! cmp -s "$here/../examples/nightly.yaml" "$here/overlays/prod/nightly.yaml"; then
+  echo "validate: examples/nightly.yaml and deploy/overlays/prod/nightly.yaml differ; keep them identical" >&2
+  exit 1
+fi
 K8S_VERSION="${K8S_VERSION:-1.31.0}"
 venv="${NT_TORCH_VENV:-$HOME/.cache/nt/torch-2.11.0}"
 
