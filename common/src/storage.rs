@@ -169,6 +169,24 @@ impl Storage {
         }
     }
 
+    /// An object's size in bytes; `Ok(None)` when it does not exist.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, object_store::Error> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads `range` of an object's bytes (a ranged GET on S3).
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, object_store::Error> {
+        self.store.get_range(&Path::from(key), range).await
+    }
+
     /// Writes an object, replacing any.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<Version, object_store::Error> {
         let r = self

@@ -178,34 +178,148 @@ fn le_i64(bytes: &[u8]) -> Vec<i64> {
         .collect()
 }
 
+/// The largest header accepted, as the safetensors crate's limit.
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The header length announced by a safetensors file's first 8 bytes,
+/// checked against the file's size.
+pub fn header_len(source_name: &str, first: &[u8], file_len: u64) -> Result<u64> {
+    let corrupt = |why: String| {
+        FusionError::checkpoint(
+            source_name,
+            format!("not a valid safetensors file ({file_len} bytes): {why}"),
+        )
+    };
+    let Some(bytes) = first.get(..8) else {
+        return Err(corrupt("shorter than its 8-byte header length".into()));
+    };
+    let mut le = [0u8; 8];
+    le.copy_from_slice(bytes);
+    let n = u64::from_le_bytes(le);
+    if n > MAX_HEADER_BYTES || n.saturating_add(8) > file_len {
+        return Err(corrupt(format!("header length {n} does not fit")));
+    }
+    Ok(n)
+}
+
+/// Checks a checkpoint from its JSON header alone (the `header_len` bytes
+/// after the first 8) and the file's size: names, dtypes and shapes against
+/// `arch`, as [`validate`] does, and that the tensors' byte ranges tile the
+/// rest of the file exactly, so a truncated or padded file is caught without
+/// reading its data. Damage inside the data is found when the file is loaded.
+pub fn validate_header(
+    source_name: &str,
+    header: &[u8],
+    file_len: u64,
+    arch: &Architecture,
+) -> Result<()> {
+    let corrupt = |why: String| {
+        FusionError::checkpoint(
+            source_name,
+            format!("not a valid safetensors file ({file_len} bytes): {why}"),
+        )
+    };
+    let text = std::str::from_utf8(header).map_err(|e| corrupt(format!("header: {e}")))?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_str(text).map_err(|e| corrupt(format!("header: {e}")))?;
+    let infos = meta.tensors();
+    let mut entries = Vec::with_capacity(infos.len());
+    let mut ranges = Vec::with_capacity(infos.len());
+    for (name, info) in &infos {
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::I64 => DType::I64,
+            other => {
+                return Err(FusionError::checkpoint(
+                    source_name,
+                    format!(
+                        "tensor `{name}` has dtype {other:?}; nt reads F32 weights and I64 counters"
+                    ),
+                ))
+            }
+        };
+        let (start, end) = info.data_offsets;
+        let element = match dtype {
+            DType::F32 => 4usize,
+            DType::I64 => 8,
+        };
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(element, |acc, &d| acc.checked_mul(d));
+        if bytes != end.checked_sub(start) {
+            return Err(corrupt(format!(
+                "tensor `{name}` spans bytes {start}..{end}, not its shape {:?}",
+                info.shape
+            )));
+        }
+        ranges.push((start, end, name.as_str()));
+        entries.push((name.as_str(), dtype, info.shape.as_slice()));
+    }
+    ranges.sort();
+    let mut at = 0usize;
+    for (start, end, name) in &ranges {
+        if *start != at {
+            return Err(corrupt(format!(
+                "tensor `{name}` starts at byte {start}, expected {at}"
+            )));
+        }
+        at = *end;
+    }
+    let data_len = file_len - 8 - header.len() as u64;
+    if at as u64 != data_len {
+        return Err(corrupt(format!(
+            "its tensors take {at} bytes but {data_len} follow the header (truncated or padded)"
+        )));
+    }
+    check_entries(entries, arch, source_name)
+}
+
 /// Checks names, shapes and dtypes against an architecture; the error names
 /// the first wrong tensor, or lists the missing and unexpected ones.
 pub fn validate(state: &StateDict, arch: &Architecture, source_name: &str) -> Result<()> {
+    let entries = state
+        .tensors
+        .iter()
+        .map(|(name, t)| (name.as_str(), t.dtype(), t.shape()))
+        .collect();
+    check_entries(entries, arch, source_name)
+}
+
+fn check_entries(
+    entries: Vec<(&str, DType, &[usize])>,
+    arch: &Architecture,
+    source_name: &str,
+) -> Result<()> {
+    let by_name: HashMap<&str, (DType, &[usize])> = entries
+        .iter()
+        .map(|&(name, dtype, shape)| (name, (dtype, shape)))
+        .collect();
     let params = arch.params();
     let mut missing = Vec::new();
     for p in &params {
-        match state.get(&p.name) {
+        match by_name.get(p.name.as_str()) {
             None => missing.push(p.name.clone()),
-            Some(t) => {
-                if t.dtype() != p.dtype {
+            Some(&(dtype, shape)) => {
+                if dtype != p.dtype {
                     return Err(FusionError::checkpoint(
                         source_name,
                         format!(
                             "tensor `{}` has dtype {}, expected {} for architecture `{}`",
                             p.name,
-                            t.dtype(),
+                            dtype,
                             p.dtype,
                             arch.name()
                         ),
                     ));
                 }
-                if t.shape() != p.shape.as_slice() {
+                if shape != p.shape.as_slice() {
                     return Err(FusionError::checkpoint(
                         source_name,
                         format!(
                             "tensor `{}` has shape {:?}, expected {:?} for architecture `{}`",
                             p.name,
-                            t.shape(),
+                            shape,
                             p.shape,
                             arch.name()
                         ),
@@ -215,12 +329,12 @@ pub fn validate(state: &StateDict, arch: &Architecture, source_name: &str) -> Re
         }
     }
     let known: std::collections::HashSet<&str> = params.iter().map(|p| p.name.as_str()).collect();
-    let unexpected: Vec<&str> = state
-        .tensors
-        .keys()
-        .map(String::as_str)
+    let mut unexpected: Vec<&str> = entries
+        .iter()
+        .map(|&(name, _, _)| name)
         .filter(|n| !known.contains(n))
         .collect();
+    unexpected.sort_unstable();
     if missing.is_empty() && unexpected.is_empty() {
         return Ok(());
     }

@@ -162,6 +162,55 @@ fn a_corrupt_checkpoint_is_an_error_not_a_panic() {
     assert!(err.contains("absent.safetensors"), "{err}");
 }
 
+/// What a submission checks without downloading the data: the header and
+/// the file's size.
+fn check_header(bytes: &[u8], arch: &Architecture) -> fusion::Result<()> {
+    let len = bytes.len() as u64;
+    let n = checkpoint::header_len("m.safetensors", bytes, len)? as usize;
+    checkpoint::validate_header("m.safetensors", &bytes[8..8 + n], len, arch)
+}
+
+#[test]
+fn a_checkpoint_header_alone_shows_truncation_and_mismatches() {
+    let a = arch("mlp:hidden=8,depth=1");
+    let bytes = checkpoint::to_bytes(&member(&a, 1)).unwrap();
+    check_header(&bytes, &a).unwrap();
+    // Truncated or padded data.
+    for bad in [
+        &bytes[..bytes.len() - 4],
+        &[bytes.as_slice(), &[0u8; 4]].concat()[..],
+    ] {
+        let err = check_header(bad, &a).unwrap_err().to_string();
+        assert!(
+            err.contains("m.safetensors") && err.contains("truncated or padded"),
+            "{err}"
+        );
+    }
+    // The shapes of another architecture, named as `validate` names them.
+    let other = arch("mlp:hidden=16,depth=1");
+    let err = check_header(&bytes, &other).unwrap_err().to_string();
+    let full = checkpoint::validate(&member(&a, 1), &other, "m.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, full);
+    // A header that claims a bigger tensor than its byte range.
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let patched = header.replacen("[8,784]", "[9,784]", 1);
+    let mut lying = bytes.clone();
+    lying.splice(8..8 + n, patched.bytes());
+    let err = check_header(&lying, &a).unwrap_err().to_string();
+    assert!(
+        err.contains("m.safetensors: not a valid safetensors file") && err.contains("shape"),
+        "{err}"
+    );
+    // Not a safetensors file at all; and a header length beyond the file.
+    for junk in [&b"hello"[..], &b"\xff\xff\xff\xff\x00\x00\x00\x00{}"[..]] {
+        let err = check_header(junk, &a).unwrap_err().to_string();
+        assert!(err.contains("not a valid safetensors file"), "{err}");
+    }
+}
+
 #[test]
 fn non_finite_weights_are_named() {
     let a = arch("mlp:hidden=4,depth=2");

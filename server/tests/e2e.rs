@@ -460,6 +460,14 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
         )
         .await
         .unwrap();
+    let whole = member_bytes("mlp:hidden=64,depth=2", 4);
+    storage
+        .put(
+            "uploads/cut.safetensors",
+            bytes::Bytes::from(whole[..whole.len() - 64].to_vec()),
+        )
+        .await
+        .unwrap();
     let before = c.objects().await;
     let mut client = c.client().await;
     let submit = |spec: pb::RunSpec| pb::SubmitRunRequest {
@@ -513,6 +521,21 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(
         e.message().contains("not a valid safetensors file"),
+        "{e:?}"
+    );
+
+    // Truncated: seen from the size and the header, without reading the data.
+    let e = client
+        .submit_run(submit(existing(&[
+            "uploads/m0.safetensors",
+            "uploads/cut.safetensors",
+        ])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("members.checkpoints[1]")
+            && e.message().contains("truncated or padded"),
         "{e:?}"
     );
 

@@ -725,27 +725,32 @@ impl Coordinator {
         }
     }
 
-    /// Checks existing member checkpoints: each exists and fits the architecture.
+    /// Checks existing member checkpoints: each exists and fits the
+    /// architecture. Reads only each file's size and header (two ranged
+    /// reads), not its data: a truncated file shows in the size, a wrong
+    /// architecture in the header.
     async fn check_existing_members(&self, plan: &Plan) -> Result<()> {
         let MemberPlan::Existing(keys) = &plan.members else {
             return Ok(());
         };
         for (i, key) in keys.iter().enumerate() {
-            let Some((bytes, _)) = self.storage.get(key).await? else {
+            let field = format!("members.checkpoints[{i}]");
+            let Some(size) = self.storage.size(key).await? else {
                 return Err(CoordinatorError::NotFound(format!(
-                    "members.checkpoints[{i}]: object `{key}` does not exist in {}",
+                    "{field}: object `{key}` does not exist in {}",
                     self.storage.url
                 )));
             };
-            let arch = plan.arch.clone();
-            let name = key.clone();
-            tokio::task::spawn_blocking(move || -> fusion::Result<()> {
-                let state = fusion::checkpoint::load_bytes(&name, bytes.to_vec())?;
-                fusion::checkpoint::validate(&state, &arch, &name)
-            })
-            .await
-            .map_err(|e| CoordinatorError::Internal(e.to_string()))?
-            .map_err(|e| invalid(format!("members.checkpoints[{i}]: {e}")))?;
+            let first = if size < 8 {
+                bytes::Bytes::new()
+            } else {
+                self.storage.get_range(key, 0..8).await?
+            };
+            let n = fusion::checkpoint::header_len(key, &first, size)
+                .map_err(|e| invalid(format!("{field}: {e}")))?;
+            let header = self.storage.get_range(key, 8..8 + n).await?;
+            fusion::checkpoint::validate_header(key, &header, size, &plan.arch)
+                .map_err(|e| invalid(format!("{field}: {e}")))?;
         }
         Ok(())
     }
