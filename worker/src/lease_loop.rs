@@ -67,8 +67,15 @@ pub struct Worker {
     worker_id: Mutex<String>,
     running: Mutex<HashMap<String, Running>>,
     heartbeat_every: Mutex<Duration>,
+    /// Set once shutdown begins: reports then give up after `REPORT_LIMIT`.
+    stopping: std::sync::atomic::AtomicBool,
     pub metrics: WorkerMetrics,
 }
+
+/// How long a stopping worker keeps retrying a task's last report. Past it
+/// the lease expires at the coordinator and the task is retried from its
+/// last epoch checkpoint, as for a killed worker.
+const REPORT_LIMIT: Duration = Duration::from_secs(30);
 
 impl Worker {
     pub fn new(args: WorkerArgs) -> Result<Arc<Self>> {
@@ -83,6 +90,7 @@ impl Worker {
             worker_id: Mutex::new(String::new()),
             running: Mutex::new(HashMap::new()),
             heartbeat_every: Mutex::new(Duration::from_secs(5)),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             metrics: WorkerMetrics::new(),
         }))
     }
@@ -188,6 +196,8 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
         }
         // Shutting down: no new leases; give running tasks the grace period.
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let grace = Duration::from_secs(self.args.shutdown_grace_secs);
         if !tasks.is_empty() {
             info!(
@@ -397,7 +407,11 @@ impl Worker {
             result: Some(result),
         };
         let mut backoff = Duration::from_millis(200);
+        let started = std::time::Instant::now();
         for _ in 0..200 {
+            if self.give_up_reporting(started) {
+                return;
+            }
             match self.client.clone().complete_task(req.clone()).await {
                 Ok(_) => {
                     info!("task completed");
@@ -420,6 +434,20 @@ impl Worker {
         }
     }
 
+    /// Whether a report retried since `started` should stop: only while the
+    /// worker is shutting down, after `REPORT_LIMIT`.
+    fn give_up_reporting(&self, started: std::time::Instant) -> bool {
+        let stop = self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+            && started.elapsed() >= REPORT_LIMIT;
+        if stop {
+            warn!(
+                limit_secs = REPORT_LIMIT.as_secs(),
+                "shutting down: giving up the report; the lease will expire and the task be retried"
+            );
+        }
+        stop
+    }
+
     async fn fail(&self, task: &pb::Task, error: &str, retryable: bool) {
         warn!(error, retryable, "task failed");
         let req = pb::FailTaskRequest {
@@ -430,7 +458,11 @@ impl Worker {
             retryable,
         };
         let mut backoff = Duration::from_millis(200);
+        let started = std::time::Instant::now();
         for _ in 0..50 {
+            if self.give_up_reporting(started) {
+                return;
+            }
             match self.client.clone().fail_task(req.clone()).await {
                 Ok(_) => return,
                 Err(s) if transient(&s) => {}
