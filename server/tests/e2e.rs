@@ -311,30 +311,8 @@ async fn a_worker_whose_lease_expired_cannot_overwrite_the_new_attempt() {
         .unwrap()
         .run_id;
     let mut wc = c.worker_client().await;
-    let register = |name: &str| pb::RegisterWorkerRequest {
-        name: name.into(),
-        capabilities: Some(pb::WorkerCapabilities {
-            slots: 1,
-            ..Default::default()
-        }),
-        version: "test".into(),
-    };
-    let a = wc
-        .register_worker(register("slow"))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
-    let first = wc
-        .lease_task(pb::LeaseTaskRequest {
-            worker_id: a.clone(),
-            wait_ms: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let a = cluster::register_worker(&mut wc, "slow", 0).await;
+    let first = cluster::lease_task(&mut wc, &a, 1000).await.unwrap();
     assert_eq!((first.label.as_str(), first.attempt), ("member 0", 1));
     // No heartbeats: the lease expires and member 0 goes back to the queue.
     c.wait_for(&run_id, Duration::from_secs(30), |r| {
@@ -343,23 +321,9 @@ async fn a_worker_whose_lease_expired_cannot_overwrite_the_new_attempt() {
             .any(|t| t.label == "member 0" && task_state(t) == pb::TaskState::Pending)
     })
     .await;
-    let b = wc
-        .register_worker(register("fast"))
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let b = cluster::register_worker(&mut wc, "fast", 0).await;
     let second = loop {
-        let t = wc
-            .lease_task(pb::LeaseTaskRequest {
-                worker_id: b.clone(),
-                wait_ms: 1000,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
+        let t = cluster::lease_task(&mut wc, &b, 1000).await.unwrap();
         if t.label == "member 0" {
             break t;
         }
@@ -861,30 +825,10 @@ async fn a_wrong_worker_token_is_unauthenticated_and_changes_nothing() {
         .unwrap()
         .run_id;
     // An honest worker holds the lease of one task.
-    let register = |name: &str| pb::RegisterWorkerRequest {
-        name: name.into(),
-        capabilities: Some(pb::WorkerCapabilities {
-            slots: 1,
-            ..Default::default()
-        }),
-        version: "test".into(),
-    };
     let mut honest = c.worker_client().await;
-    let worker_id = honest
-        .register_worker(register("honest"))
+    let worker_id = cluster::register_worker(&mut honest, "honest", 0).await;
+    let leased = cluster::lease_task(&mut honest, &worker_id, 1000)
         .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
-    let leased = honest
-        .lease_task(pb::LeaseTaskRequest {
-            worker_id: worker_id.clone(),
-            wait_ms: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
         .unwrap();
     let storage = c.storage();
     let key = layout::attempt_model(&leased.output_prefix);
@@ -934,7 +878,9 @@ async fn a_wrong_worker_token_is_unauthenticated_and_changes_nothing() {
             attempt: leased.attempt,
         };
         let errors = [
-            bad.register_worker(register("intruder")).await.map(drop),
+            bad.register_worker(cluster::register_request("intruder", 0))
+                .await
+                .map(drop),
             bad.lease_task(pb::LeaseTaskRequest {
                 worker_id: worker_id.clone(),
                 wait_ms: 100,

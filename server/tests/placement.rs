@@ -5,38 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::await_holding_lock)]
 
 use nt_proto::v1 as pb;
-use nt_testkit::cluster::{serial, small_spec, submit, Cluster, StoreKind};
-
-async fn register(wc: &mut nt_testkit::cluster::WorkerClient, name: &str, gpus: u32) -> String {
-    wc.register_worker(pb::RegisterWorkerRequest {
-        name: name.into(),
-        capabilities: Some(pb::WorkerCapabilities {
-            slots: 1,
-            gpus,
-            ..Default::default()
-        }),
-        version: "test".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .worker_id
-}
-
-async fn lease(
-    wc: &mut nt_testkit::cluster::WorkerClient,
-    worker_id: &str,
-    wait_ms: u32,
-) -> Option<pb::Task> {
-    wc.lease_task(pb::LeaseTaskRequest {
-        worker_id: worker_id.into(),
-        wait_ms,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .task
-}
+use nt_testkit::cluster::{
+    lease_task as lease, register_worker as register, serial, small_spec, submit, Cluster,
+    StoreKind,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_runs_wait_for_gpu_workers_and_tasks_carry_the_device() {

@@ -495,6 +495,40 @@ max_attempts: 3
         .unwrap()
 }
 
+/// What a raw test worker registers with: one slot and `gpus` GPUs.
+pub fn register_request(name: &str, gpus: u32) -> pb::RegisterWorkerRequest {
+    pb::RegisterWorkerRequest {
+        name: name.into(),
+        capabilities: Some(pb::WorkerCapabilities {
+            slots: 1,
+            gpus,
+            ..Default::default()
+        }),
+        version: "test".into(),
+    }
+}
+
+/// Registers a raw test worker (the test plays the worker); its id.
+pub async fn register_worker(wc: &mut WorkerClient, name: &str, gpus: u32) -> String {
+    wc.register_worker(register_request(name, gpus))
+        .await
+        .unwrap_or_else(|s| panic!("registering {name}: {s:?}"))
+        .into_inner()
+        .worker_id
+}
+
+/// Leases a task for `worker_id`, long-polling up to `wait_ms`.
+pub async fn lease_task(wc: &mut WorkerClient, worker_id: &str, wait_ms: u32) -> Option<pb::Task> {
+    wc.lease_task(pb::LeaseTaskRequest {
+        worker_id: worker_id.into(),
+        wait_ms,
+    })
+    .await
+    .unwrap_or_else(|s| panic!("leasing for {worker_id}: {s:?}"))
+    .into_inner()
+    .task
+}
+
 pub async fn submit(
     cluster: &Cluster,
     spec: pb::RunSpec,
