@@ -462,56 +462,38 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
         "{e:?}"
     );
 
-    let e = client
-        .submit_run(submit(existing(&[
-            "uploads/m0.safetensors",
+    // Existing members beside a good one: of another width, not safetensors,
+    // truncated (seen from the size and the header, without reading the
+    // data), or absent.
+    for (second, code, needles) in [
+        (
             "uploads/wide.safetensors",
-        ])))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().contains("members.checkpoints[1]") && e.message().contains("fc1.weight"),
-        "{e:?}"
-    );
-
-    let e = client
-        .submit_run(submit(existing(&[
-            "uploads/m0.safetensors",
+            Code::InvalidArgument,
+            &["members.checkpoints[1]", "fc1.weight"][..],
+        ),
+        (
             "uploads/junk.safetensors",
-        ])))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().contains("not a valid safetensors file"),
-        "{e:?}"
-    );
-
-    // Truncated: seen from the size and the header, without reading the data.
-    let e = client
-        .submit_run(submit(existing(&[
-            "uploads/m0.safetensors",
+            Code::InvalidArgument,
+            &["members.checkpoints[1]", "not a valid safetensors file"][..],
+        ),
+        (
             "uploads/cut.safetensors",
-        ])))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(
-        e.message().contains("members.checkpoints[1]")
-            && e.message().contains("truncated or padded"),
-        "{e:?}"
-    );
-
-    let e = client
-        .submit_run(submit(existing(&[
-            "uploads/m0.safetensors",
+            Code::InvalidArgument,
+            &["members.checkpoints[1]", "truncated or padded"][..],
+        ),
+        (
             "uploads/missing.safetensors",
-        ])))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-    assert!(e.message().contains("uploads/missing.safetensors"), "{e:?}");
+            Code::NotFound,
+            &["members.checkpoints[1]", "uploads/missing.safetensors"][..],
+        ),
+    ] {
+        let e = client
+            .submit_run(submit(existing(&["uploads/m0.safetensors", second])))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{second}: {e:?}");
+        assert!(needles.iter().all(|n| e.message().contains(n)), "{e:?}");
+    }
 
     let e = client
         .get_run(pb::GetRunRequest {
