@@ -196,7 +196,8 @@ pub fn header_len(source_name: &str, first: &[u8], file_len: u64) -> Result<u64>
     let mut le = [0u8; 8];
     le.copy_from_slice(bytes);
     let n = u64::from_le_bytes(le);
-    if n > MAX_HEADER_BYTES || n.saturating_add(8) > file_len {
+    // The shortest header is `{}`.
+    if !(2..=MAX_HEADER_BYTES).contains(&n) || n.saturating_add(8) > file_len {
         return Err(corrupt(format!("header length {n} does not fit")));
     }
     Ok(n)

@@ -204,8 +204,12 @@ fn a_checkpoint_header_alone_shows_truncation_and_mismatches() {
         err.contains("m.safetensors: not a valid safetensors file") && err.contains("shape"),
         "{err}"
     );
-    // Not a safetensors file at all; and a header length beyond the file.
-    for junk in [&b"hello"[..], &b"\xff\xff\xff\xff\x00\x00\x00\x00{}"[..]] {
+    // Not a safetensors file at all; a header length beyond the file; a zero one.
+    for junk in [
+        &b"hello"[..],
+        &b"\xff\xff\xff\xff\x00\x00\x00\x00{}"[..],
+        &[0u8; 16][..],
+    ] {
         let err = check_header(junk, &a).unwrap_err().to_string();
         assert!(err.contains("not a valid safetensors file"), "{err}");
     }
