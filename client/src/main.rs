@@ -99,12 +99,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
-    // Die quietly on a closed pipe (`ntctl list | head`), as other tools do,
-    // instead of panicking in println!.
-    // SAFETY: setting a signal disposition before any thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // A closed stdout (`ntctl list | head`) makes println! panic; end quietly
+    // instead, with the shell's code for SIGPIPE. SIGPIPE itself stays
+    // ignored: sockets to a vanished peer raise it too.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     if let Err(e) = nt_client::config::apply() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -15,7 +15,8 @@ pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 /// An ending with a specific exit code: 2 when the run failed or was
-/// cancelled, 3 when it missed a quality gate (other errors exit 1).
+/// cancelled, 3 when it missed a quality gate, 130 when Ctrl-C stopped it
+/// (other errors exit 1).
 #[derive(Debug)]
 pub struct Exit {
     pub code: i32,
@@ -26,6 +27,14 @@ impl Exit {
     pub fn run_failed(message: impl Into<String>) -> anyhow::Error {
         anyhow::Error::new(Exit {
             code: 2,
+            message: message.into(),
+        })
+    }
+
+    /// Stopped by Ctrl-C: the shell's code for SIGINT.
+    pub fn interrupted(message: impl Into<String>) -> anyhow::Error {
+        anyhow::Error::new(Exit {
+            code: 130,
             message: message.into(),
         })
     }

@@ -925,7 +925,7 @@ fn ctrl_c_cancels_a_local_run_and_exits_at_once() {
     }
     let err = std::fs::read_to_string(d.join("local.err")).unwrap();
     assert!(exited, "still running 20 s after Ctrl-C:\n{err}");
-    assert_eq!(job.child.wait().unwrap().code(), Some(1), "{err}");
+    assert_eq!(job.child.wait().unwrap().code(), Some(130), "{err}");
     assert!(
         err.contains("interrupted") && err.contains("cancelled"),
         "{err}"

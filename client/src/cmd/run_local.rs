@@ -11,7 +11,7 @@ use nt_client::{pb, ConnectArgs};
 use tokio_util::sync::CancellationToken;
 
 use super::remote::{load_spec, submit_spec, wait_and_report, Gates, SpecOverrides};
-use crate::output::OutputFormat;
+use crate::output::{Exit, OutputFormat};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -149,10 +149,9 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
     };
     let outcome = async {
         let mut client = nt_client::connect(&local).await?;
-        let submitted = tokio::select! {
-            r = submit_spec(&mut client, spec, args.request_id.clone()) => r?,
-            _ = interrupted.cancelled() => bail!("interrupted before the run was submitted"),
-        };
+        // Not raced with Ctrl-C: a run stored while we stopped waiting would
+        // resume unseen next time. An interrupt during it is handled below.
+        let submitted = submit_spec(&mut client, spec, args.request_id.clone()).await?;
         let run_id = submitted.run.unwrap_or_default().run_id;
         if output == OutputFormat::Text {
             eprintln!("run {run_id} (store {})", store.display());
@@ -164,11 +163,11 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
                 // the coordinator carries on from its checkpoints; without
                 // one it would start a new run beside this one, so stop it.
                 match &args.request_id {
-                    Some(id) => bail!(
+                    Some(id) => Err(Exit::interrupted(format!(
                         "interrupted: run {run_id} stays in {}; the same command \
                          (--request-id {id}) continues it",
                         store.display()
-                    ),
+                    ))),
                     None => {
                         client
                             .cancel_run(pb::CancelRunRequest {
@@ -177,10 +176,10 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
                             })
                             .await
                             .with_context(|| format!("cancelling run {run_id}"))?;
-                        bail!(
+                        Err(Exit::interrupted(format!(
                             "interrupted: run {run_id} cancelled; give --request-id to \
                              be able to continue an interrupted run"
-                        )
+                        )))
                     }
                 }
             }
