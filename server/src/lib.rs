@@ -99,12 +99,16 @@ pub async fn serve(
         });
     // Graceful shutdown waits for every connection; a client holding a
     // stream open (a health watch, say) must not keep the process alive.
+    // Past the limit `serve` returns; nt-server then exits, closing them.
     tokio::select! {
         r = serving => r?,
         _ = async {
             drain_deadline.cancelled().await;
             tokio::time::sleep(DRAIN_LIMIT).await;
-        } => tracing::warn!(seconds = DRAIN_LIMIT.as_secs(), "connections still open after shutdown; closing them"),
+        } => tracing::warn!(
+            seconds = DRAIN_LIMIT.as_secs(),
+            "connections still open after shutdown; no longer waiting for them"
+        ),
     }
     Ok(())
 }

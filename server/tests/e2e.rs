@@ -1253,6 +1253,22 @@ async fn the_coordinator_turns_not_serving_on_sigterm_then_exits() {
         assert_eq!(first.status, ServingStatus::Serving as i32, "{service:?}");
         watches.push(stream);
     }
+    // And a client following a run that will not finish (no workers).
+    let run_id = submit(&c, small_spec(1, 1000), "")
+        .await
+        .run
+        .unwrap()
+        .run_id;
+    let mut follow = c
+        .client()
+        .await
+        .watch_run(pb::WatchRunRequest {
+            run_id,
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     c.server.as_mut().unwrap().terminate();
     for (service, stream) in services.iter().zip(watches.iter_mut()) {
         let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
@@ -1262,11 +1278,22 @@ async fn the_coordinator_turns_not_serving_on_sigterm_then_exits() {
             .unwrap();
         assert_eq!(next.status, ServingStatus::NotServing as i32, "{service:?}");
     }
-    // With its last connection gone, the coordinator exits cleanly. It waits
-    // for every open stream first, however long: an open WatchRun on an
-    // unfinished run keeps a SIGTERM'd coordinator up indefinitely today.
-    drop(watches);
-    drop(health);
+    // The run's watcher is told to come back later.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match follow.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("WatchRun still open after SIGTERM\n{}", c.logs()));
+    let e = ended.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("shutting down"), "{e:?}");
+    // The health watches stay open, yet the coordinator exits cleanly within
+    // its 10 s drain limit.
     let start = Instant::now();
     let status = loop {
         if let Some(s) = c.server.as_mut().unwrap().child.try_wait().unwrap() {
@@ -1280,4 +1307,50 @@ async fn the_coordinator_turns_not_serving_on_sigterm_then_exits() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(status.success(), "{status:?}\n{}", c.logs());
+    drop(watches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_run_document_is_skipped_and_never_overwritten() {
+    let _serial = serial();
+    let mut c = Cluster::new(StoreKind::Local);
+    c.start_server();
+    let broken = submit(&c, small_spec(1, 1000), "req-broken")
+        .await
+        .run
+        .unwrap()
+        .run_id;
+    let fine = submit(&c, small_spec(1, 1000), "")
+        .await
+        .run
+        .unwrap()
+        .run_id;
+    c.kill_server();
+    let storage = c.storage();
+    let key = layout::run_doc(&broken);
+    let garbage = bytes::Bytes::from_static(b"{\"run\": 42");
+    storage.put(&key, garbage.clone()).await.unwrap();
+
+    // The coordinator starts and serves the readable run.
+    c.start_server();
+    let mut client = c.client().await;
+    let get = |run_id: &str| pb::GetRunRequest {
+        run_id: run_id.into(),
+    };
+    client.get_run(get(&fine)).await.unwrap();
+    let e = client.get_run(get(&broken)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // The broken run's request id cannot claim its document again.
+    let e = client
+        .submit_run(pb::SubmitRunRequest {
+            spec: Some(small_spec(1, 1000)),
+            request_id: "req-broken".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&broken), "{e:?}");
+    let (bytes, _) = storage.get(&key).await.unwrap().unwrap();
+    assert_eq!(bytes, garbage, "the document was left as it was");
+    assert!(c.logs().contains("skipping a run document"), "{}", c.logs());
 }

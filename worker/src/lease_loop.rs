@@ -412,7 +412,12 @@ impl Worker {
             if self.give_up_reporting(started) {
                 return;
             }
-            match self.client.clone().complete_task(req.clone()).await {
+            let mut client = self.client.clone();
+            let call = client.complete_task(req.clone());
+            let Some(answer) = self.bounded(started, call).await else {
+                return;
+            };
+            match answer {
                 Ok(_) => {
                     info!("task completed");
                     return;
@@ -431,6 +436,27 @@ impl Worker {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One report attempt; while shutting down, cut short at `REPORT_LIMIT`
+    /// after `started` (None: given up), so a coordinator that accepts the
+    /// connection and never answers cannot hold the worker either.
+    async fn bounded<T>(
+        &self,
+        started: std::time::Instant,
+        call: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        if !self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Some(call.await);
+        }
+        let left = REPORT_LIMIT.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, call).await {
+            Ok(answer) => Some(answer),
+            Err(_) => {
+                self.give_up_reporting(started);
+                None
+            }
         }
     }
 
@@ -463,7 +489,12 @@ impl Worker {
             if self.give_up_reporting(started) {
                 return;
             }
-            match self.client.clone().fail_task(req.clone()).await {
+            let mut client = self.client.clone();
+            let call = client.fail_task(req.clone());
+            let Some(answer) = self.bounded(started, call).await else {
+                return;
+            };
+            match answer {
                 Ok(_) => return,
                 Err(s) if transient(&s) => {}
                 Err(s) => {

@@ -795,6 +795,18 @@ impl RunApi for Coordinator {
                 if let Some(e) = self.lock().runs.get(&existing) {
                     return Ok((e.record.run.clone(), false));
                 }
+                // A document there that start-up could not read: never overwrite it.
+                if self
+                    .storage
+                    .size(&layout::run_doc(&existing))
+                    .await?
+                    .is_some()
+                {
+                    return Err(CoordinatorError::FailedPrecondition(format!(
+                        "request_id `{request_id}` belongs to run {existing}, whose stored \
+                         document could not be read at start-up (see the coordinator's log)"
+                    )));
+                }
                 // Claimed by a submission that stopped before storing its run: finish it.
                 run_id = existing;
             }
