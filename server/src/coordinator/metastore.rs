@@ -108,10 +108,13 @@ impl Metastore {
             };
             // One unreadable document must not keep every other run from
             // being served: it is left in place, untouched, and reported.
-            let record: RunRecord = match serde_json::from_slice(&bytes) {
+            let parsed = serde_json::from_slice::<RunRecord>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| super::model::upgrade(&mut r).map(|()| r));
+            let record = match parsed {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(key = %key, error = %e, "skipping a run document that does not parse");
+                    tracing::error!(key = %key, error = %e, "skipping a run document it cannot read");
                     continue;
                 }
             };

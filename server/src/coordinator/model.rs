@@ -95,7 +95,34 @@ pub struct RunRecord {
     pub finished_ms: Option<i64>,
 }
 
-pub const FORMAT: u32 = 1;
+/// 2: synthetic `noise` became optional (format 1 stored 0 for "default").
+pub const FORMAT: u32 = 2;
+
+/// Brings a document written by an older coordinator up to [`FORMAT`]; one
+/// written by a newer coordinator is refused rather than misread.
+pub fn upgrade(record: &mut RunRecord) -> Result<(), String> {
+    if record.format > FORMAT {
+        return Err(format!(
+            "written in format {} by a newer coordinator (this one reads up to {FORMAT})",
+            record.format
+        ));
+    }
+    if record.format < 2 {
+        let synthetic = record
+            .run
+            .spec
+            .as_mut()
+            .and_then(|s| s.data.as_mut())
+            .and_then(|d| d.synthetic.as_mut());
+        if let Some(s) = synthetic {
+            if s.noise == Some(0.0) {
+                s.noise = None;
+            }
+        }
+    }
+    record.format = FORMAT;
+    Ok(())
+}
 
 impl RunRecord {
     pub fn state(&self) -> pb::RunState {
@@ -127,4 +154,62 @@ pub fn task_id(run: &str, local: &str) -> String {
 /// Splits a task id into run id and local name.
 pub fn parse_task_id(id: &str) -> Option<(&str, &str)> {
     id.split_once('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(format: u32, noise: Option<f64>) -> RunRecord {
+        let spec = pb::RunSpec {
+            data: Some(pb::DataSpec {
+                synthetic: Some(pb::SyntheticData {
+                    noise,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        RunRecord {
+            format,
+            revision: 1,
+            run: pb::Run {
+                spec: Some(spec),
+                ..Default::default()
+            },
+            tasks: Vec::new(),
+            event_sequence: 0,
+            member_keys: Vec::new(),
+            fused: Vec::new(),
+            finished_ms: None,
+        }
+    }
+
+    fn noise(r: &RunRecord) -> Option<f64> {
+        r.run
+            .spec
+            .as_ref()?
+            .data
+            .as_ref()?
+            .synthetic
+            .as_ref()?
+            .noise
+    }
+
+    #[test]
+    fn old_documents_keep_their_meaning_and_newer_ones_are_refused() {
+        // Format 1 wrote 0 for "the default noise".
+        let mut old = record(1, Some(0.0));
+        upgrade(&mut old).unwrap();
+        assert_eq!((old.format, noise(&old)), (FORMAT, None));
+        // In the current format 0 means exact prototypes.
+        let mut now = record(FORMAT, Some(0.0));
+        upgrade(&mut now).unwrap();
+        assert_eq!(noise(&now), Some(0.0));
+        let mut newer = record(FORMAT + 1, None);
+        assert!(upgrade(&mut newer)
+            .unwrap_err()
+            .contains("newer coordinator"));
+    }
 }
