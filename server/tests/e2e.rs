@@ -396,42 +396,19 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
     let mut c = Cluster::new(StoreKind::S3);
     c.start_server();
     let storage = c.storage();
-    storage
-        .put(
-            "uploads/m0.safetensors",
-            member_bytes("mlp:hidden=64,depth=2", 1).into(),
-        )
-        .await
-        .unwrap();
-    storage
-        .put(
-            "uploads/m1.safetensors",
-            member_bytes("mlp:hidden=64,depth=2", 2).into(),
-        )
-        .await
-        .unwrap();
-    storage
-        .put(
-            "uploads/wide.safetensors",
-            member_bytes("mlp:hidden=80,depth=2", 3).into(),
-        )
-        .await
-        .unwrap();
-    storage
-        .put(
-            "uploads/junk.safetensors",
-            bytes::Bytes::from_static(b"not a checkpoint"),
-        )
-        .await
-        .unwrap();
     let whole = member_bytes("mlp:hidden=64,depth=2", 4);
-    storage
-        .put(
-            "uploads/cut.safetensors",
-            bytes::Bytes::from(whole[..whole.len() - 64].to_vec()),
-        )
-        .await
-        .unwrap();
+    for (key, bytes) in [
+        ("m0", member_bytes("mlp:hidden=64,depth=2", 1)),
+        ("m1", member_bytes("mlp:hidden=64,depth=2", 2)),
+        ("wide", member_bytes("mlp:hidden=80,depth=2", 3)),
+        ("junk", b"not a checkpoint".to_vec()),
+        ("cut", whole[..whole.len() - 64].to_vec()),
+    ] {
+        storage
+            .put(&format!("uploads/{key}.safetensors"), bytes.into())
+            .await
+            .unwrap();
+    }
     let before = c.objects().await;
     let mut client = c.client().await;
     let submit = |spec: pb::RunSpec| pb::SubmitRunRequest {
