@@ -13,7 +13,7 @@ build: setup
 
 # The embedded demo: in-process coordinator and worker, local store, Fashion-MNIST.
 demo: setup
-	$(ENV) cargo build --release -p nt-client
+	$(ENV) cargo build --release -p ntctl
 	$(ENV) target/release/ntctl run examples/fashion-mlp.yaml --local --plot nt-demo-curves.png
 
 test: setup

@@ -22,7 +22,7 @@ pub struct Row {
 fn method_name(m: i32) -> String {
     pb::FusionMethod::try_from(m)
         .ok()
-        .and_then(nt_common::spec::method_from_proto)
+        .and_then(nt_spec::wire::method_from_wire)
         .map_or_else(|| format!("method {m}"), |m| m.to_string())
 }
 

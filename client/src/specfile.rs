@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use nt_common::spec::RunSpecFile;
+use nt_spec::RunSpecFile;
 use serde_yaml::Value;
 
 /// Sets `path` (dot-separated, e.g. `members.training.epochs`) to `value`,

@@ -1,9 +1,8 @@
 //! What nt's coordinator, worker and client share: the object store and its
-//! layout, run specs, authentication, TLS and logging.
+//! layout, authentication, TLS and logging. No libtorch.
 
 pub mod auth;
 pub mod layout;
-pub mod spec;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;

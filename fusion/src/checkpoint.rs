@@ -35,15 +35,6 @@ pub struct InputSpec {
     pub std: Vec<f64>,
 }
 
-impl InputSpec {
-    pub fn normalization(&self) -> crate::data::Normalization {
-        crate::data::Normalization {
-            mean: self.mean.clone(),
-            std: self.std.clone(),
-        }
-    }
-}
-
 /// Where a model came from: recorded in its checkpoint's metadata.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -342,82 +333,6 @@ fn list<S: AsRef<str>>(names: &[S]) -> String {
         out.push(format!("and {} more", names.len() - SHOWN));
     }
     out.join(", ")
-}
-
-/// Metadata key of a training state's epoch and history.
-pub const META_TRAIN_STATE: &str = "nt.train_state";
-
-#[derive(Serialize, Deserialize)]
-struct TrainMeta {
-    epoch: usize,
-    history: Vec<crate::train::EpochRecord>,
-}
-
-/// Serializes a training state (weights, momentum buffers, epoch, history)
-/// as one safetensors file: tensors `model/<name>` and `momentum/<name>`.
-pub fn train_state_to_bytes(state: &crate::train::TrainState) -> Result<Vec<u8>> {
-    let mut out = StateDict::default();
-    for (name, t) in &state.model.tensors {
-        out.insert(format!("model/{name}"), t.clone());
-    }
-    for (name, t) in &state.momentum.tensors {
-        out.insert(format!("momentum/{name}"), t.clone());
-    }
-    out.metadata = state.model.metadata.clone();
-    let meta = TrainMeta {
-        epoch: state.epoch,
-        history: state.history.clone(),
-    };
-    out.metadata.insert(
-        META_TRAIN_STATE.into(),
-        serde_json::to_string(&meta)
-            .map_err(|e| FusionError::checkpoint("training state", e.to_string()))?,
-    );
-    to_bytes(&out)
-}
-
-/// Reads a training state written by [`train_state_to_bytes`].
-pub fn train_state_from_bytes(
-    source_name: &str,
-    bytes: Vec<u8>,
-) -> Result<crate::train::TrainState> {
-    let raw = load_bytes(source_name, bytes)?;
-    let meta: TrainMeta = raw
-        .metadata
-        .get(META_TRAIN_STATE)
-        .ok_or_else(|| {
-            FusionError::checkpoint(
-                source_name,
-                "not a training state (no nt.train_state metadata)",
-            )
-        })
-        .and_then(|t| {
-            serde_json::from_str(t).map_err(|e| {
-                FusionError::checkpoint(source_name, format!("bad nt.train_state: {e}"))
-            })
-        })?;
-    let mut model = StateDict::default();
-    let mut momentum = StateDict::default();
-    for (name, t) in raw.tensors {
-        if let Some(n) = name.strip_prefix("model/") {
-            model.insert(n, t);
-        } else if let Some(n) = name.strip_prefix("momentum/") {
-            momentum.insert(n, t);
-        } else {
-            return Err(FusionError::checkpoint(
-                source_name,
-                format!("unexpected tensor `{name}` in a training state"),
-            ));
-        }
-    }
-    model.metadata = raw.metadata;
-    model.metadata.remove(META_TRAIN_STATE);
-    Ok(crate::train::TrainState {
-        epoch: meta.epoch,
-        model,
-        momentum,
-        history: meta.history,
-    })
 }
 
 struct TensorRef<'a>(&'a HostTensor);

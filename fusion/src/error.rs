@@ -35,10 +35,6 @@ pub enum FusionError {
     #[error("exactness guard: {0}")]
     Guard(String),
 
-    /// A libtorch failure (shapes, devices, memory).
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
-
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -48,18 +44,18 @@ pub enum FusionError {
 }
 
 impl FusionError {
-    pub(crate) fn spec(msg: impl Into<String>) -> Self {
+    pub fn spec(msg: impl Into<String>) -> Self {
         FusionError::Spec(msg.into())
     }
 
-    pub(crate) fn checkpoint(source_name: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn checkpoint(source_name: impl Into<String>, reason: impl Into<String>) -> Self {
         FusionError::Checkpoint {
             source_name: source_name.into(),
             reason: reason.into(),
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         FusionError::Io {
             path: path.into(),
             source,

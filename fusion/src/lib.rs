@@ -1,21 +1,19 @@
-//! The fusion engine of `nt`: architectures, checkpoints and Neuron
-//! Transplantation. No networking; the server, worker and client are shells
-//! around this crate.
+//! The fusion math of `nt`: architectures and their coupling, checkpoints,
+//! assembly, Neuron Transplantation and the other fusion methods, all on
+//! host tensors. No libtorch and no networking: the torch runtime
+//! (`nt-runtime`) runs models and plugs its exactness guard in through
+//! [`check::StepCheck`]; the server, worker and client are shells around both.
 
 pub mod arch;
 pub mod assemble;
+pub mod check;
 pub mod checkpoint;
 pub mod coupling;
-pub mod data;
-pub mod device;
 mod error;
-pub mod guard;
 pub mod methods;
-pub mod model;
 mod parallel;
 pub mod state;
-pub mod train;
 pub mod transplant;
 
 pub use error::{FusionError, Result};
-pub use methods::{fuse, FuseOptions, FuseReport, Fused, Method};
+pub use methods::{fuse, FuseReport, Fused, Method};

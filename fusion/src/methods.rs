@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::Architecture;
 use crate::assemble::{all_channels, assemble};
+use crate::check::{GuardReport, StepCheck};
 use crate::checkpoint::{self, Lineage};
 use crate::coupling::{Coupling, GroupKind};
-use crate::guard::{Guard, GuardMode, GuardReport};
 use crate::state::{DType, HostTensor, StateDict};
 use crate::transplant::{self, Transplanted};
 use crate::{FusionError, Result};
@@ -67,22 +67,6 @@ impl std::str::FromStr for Method {
                     Method::ALL.map(Method::as_str).join(", ")
                 ))
             })
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct FuseOptions {
-    pub guard: GuardMode,
-    /// The guard's allowed logit difference, relative to max(1, max |logit|).
-    pub tolerance: f64,
-}
-
-impl Default for FuseOptions {
-    fn default() -> Self {
-        FuseOptions {
-            guard: GuardMode::default(),
-            tolerance: 1e-3,
-        }
     }
 }
 
@@ -181,23 +165,23 @@ pub fn average(arch: &Architecture, members: &[&StateDict]) -> Result<StateDict>
     Ok(state)
 }
 
-/// Fuses `members` (all of architecture `arch`) with `method`.
+/// Fuses `members` (all of architecture `arch`) with `method`, every step
+/// checked by `check` (the runtime's exactness guard, or [`crate::check::NoCheck`]).
 pub fn fuse(
     method: Method,
     arch: &Architecture,
     members: &[&StateDict],
-    options: &FuseOptions,
+    check: &mut dyn StepCheck,
 ) -> Result<Fused> {
     let start = Instant::now();
     check_members(arch, members)?;
     let k = members.len();
     let coupling = Coupling::derive(arch)?;
-    let mut guard = Guard::new(options.guard, options.tolerance);
 
     let (mut state, result_arch, origins) = match method {
         Method::Average => (average(arch, members)?, arch.clone(), None),
         Method::Concat => {
-            guard.check(arch, &coupling, members, None)?;
+            check.check(arch, &coupling, members, None)?;
             let spec = coupling.resized(
                 arch,
                 &coupling.wide_widths(k),
@@ -218,7 +202,7 @@ pub fn fuse(
             let mut hook = |step_members: &[&StateDict],
                             selections: &[crate::assemble::Selection],
                             fused: &StateDict| {
-                guard.check(arch, &coupling, step_members, Some((selections, fused)))
+                check.check(arch, &coupling, step_members, Some((selections, fused)))
             };
             let Transplanted { state, origins } = match method {
                 Method::Nt => transplant::nt(arch, &coupling, members, &mut hook)?,
@@ -269,7 +253,7 @@ pub fn fuse(
         arch: result_arch.name().to_string(),
         parameters: result_arch.parameter_count(),
         groups,
-        guard: guard.report,
+        guard: check.report(),
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok(Fused {

@@ -146,32 +146,6 @@ impl HostTensor {
             Data::I64(v) => bytemuck::cast_slice(v),
         }
     }
-
-    /// Converts to a libtorch tensor on the CPU (copies).
-    pub fn to_tch(&self) -> tch::Tensor {
-        let dims: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
-        let t = match &self.data {
-            Data::F32(_) => tch::Tensor::from_slice(self.as_f32().unwrap_or(&[])),
-            Data::I64(v) => tch::Tensor::from_slice(v),
-        };
-        t.reshape(&dims)
-    }
-
-    /// Copies a libtorch tensor (any device, float or int64) to the host.
-    pub fn from_tch(t: &tch::Tensor) -> crate::Result<Self> {
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let flat = t
-            .f_to_device(tch::Device::Cpu)?
-            .f_contiguous()?
-            .f_flatten(0, -1)?;
-        match t.kind() {
-            tch::Kind::Int64 => Ok(Self::i64(shape, Vec::<i64>::try_from(&flat)?)),
-            _ => {
-                let flat = flat.f_to_kind(tch::Kind::Float)?;
-                Ok(Self::f32(shape, Vec::<f32>::try_from(&flat)?))
-            }
-        }
-    }
 }
 
 /// Named tensors in PyTorch `state_dict` order-independent form, plus the
@@ -198,22 +172,5 @@ impl StateDict {
             .filter(|t| t.dtype() == DType::F32)
             .map(HostTensor::numel)
             .sum()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tch_round_trip_keeps_values_and_shape() {
-        let t = HostTensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let back = HostTensor::from_tch(&t.to_tch()).unwrap();
-        assert_eq!(back.shape(), &[2, 3]);
-        assert_eq!(back.as_f32().unwrap(), t.as_f32().unwrap());
-        let i = HostTensor::i64(vec![], vec![7]);
-        let back = HostTensor::from_tch(&i.to_tch()).unwrap();
-        assert_eq!(back.as_i64().unwrap(), &[7]);
-        assert_eq!(back.shape(), &[] as &[usize]);
     }
 }

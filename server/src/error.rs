@@ -1,7 +1,7 @@
 //! The coordinator's errors and their gRPC codes.
 
-use nt_common::spec::SpecError;
 use nt_proto::tonic::{Code, Status};
+use nt_spec::SpecError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {

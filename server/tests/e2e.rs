@@ -296,7 +296,7 @@ async fn the_same_request_id_submitted_twice_gives_one_run() {
 
 fn member_bytes(arch: &str, seed: u64) -> Vec<u8> {
     let a = fusion::arch::Architecture::new(fusion::arch::preset(arch).unwrap()).unwrap();
-    let net = fusion::model::Network::init(&a, tch::Device::Cpu, seed).unwrap();
+    let net = nt_runtime::model::Network::init(&a, tch::Device::Cpu, seed).unwrap();
     fusion::checkpoint::to_bytes(&net.to_state().unwrap()).unwrap()
 }
 

@@ -489,7 +489,7 @@ fine_tuning:
 max_attempts: 3
 "#
     );
-    nt_common::spec::RunSpecFile::from_yaml(&yaml)
+    nt_spec::RunSpecFile::from_yaml(&yaml)
         .unwrap()
         .to_proto(Path::new("."))
         .unwrap()

@@ -11,13 +11,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use fusion::arch::Architecture;
 use fusion::checkpoint::{self, Lineage};
-use fusion::data::{DataSpec, FileSource, LocalDir, Prepared};
-use fusion::model::Network;
 use fusion::state::StateDict;
-use fusion::train::{self, Control, Distill, EpochRecord, Progress, TrainHooks, TrainState};
-use nt_common::spec;
 use nt_common::{layout, Storage};
 use nt_proto::v1 as pb;
+use nt_runtime::data::{DataSpec, FileSource, LocalDir, Prepared};
+use nt_runtime::model::Network;
+use nt_runtime::train::{self, Control, Distill, EpochRecord, Progress, TrainHooks, TrainState};
+use nt_spec::wire;
 use tch::Device;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::UnboundedSender;
@@ -75,19 +75,19 @@ pub enum TaskError {
     Fatal(String),
 }
 
+impl From<nt_runtime::RuntimeError> for TaskError {
+    fn from(e: nt_runtime::RuntimeError) -> Self {
+        if e.is_retryable() {
+            TaskError::Retryable(e.to_string())
+        } else {
+            TaskError::Fatal(e.to_string())
+        }
+    }
+}
+
 impl From<fusion::FusionError> for TaskError {
     fn from(e: fusion::FusionError) -> Self {
-        use fusion::FusionError as F;
-        match e {
-            F::Torch(_) | F::Io { .. } => TaskError::Retryable(e.to_string()),
-            F::Spec(_)
-            | F::UnknownPreset { .. }
-            | F::Checkpoint { .. }
-            | F::Data(_)
-            | F::Members(_)
-            | F::Unsupported(_)
-            | F::Guard(_) => TaskError::Fatal(e.to_string()),
-        }
+        nt_runtime::RuntimeError::from(e).into()
     }
 }
 
@@ -136,11 +136,13 @@ struct StoreSource<'a> {
 }
 
 impl FileSource for StoreSource<'_> {
-    fn read(&self, name: &str) -> fusion::Result<Option<Vec<u8>>> {
+    fn read(&self, name: &str) -> nt_runtime::Result<Option<Vec<u8>>> {
         let key = format!("{}/{name}", self.prefix.trim_end_matches('/'));
         match self.env.runtime.block_on(self.env.storage.get(&key)) {
             Ok(found) => Ok(found.map(|(b, _)| Vec::from(b))),
-            Err(e) => Err(fusion::FusionError::Data(format!("reading `{key}`: {e}"))),
+            Err(e) => Err(nt_runtime::RuntimeError::Data(format!(
+                "reading `{key}`: {e}"
+            ))),
         }
     }
 
@@ -154,10 +156,10 @@ fn load_data(
     spec: &DataSpec,
     arch: &Architecture,
     device: Device,
-    normalization: Option<fusion::data::Normalization>,
+    normalization: Option<nt_runtime::data::Normalization>,
 ) -> Result<Prepared, TaskError> {
     let splits = match spec.path.as_deref().and_then(|p| p.strip_prefix("store:")) {
-        Some(prefix) => fusion::data::load(
+        Some(prefix) => nt_runtime::data::load(
             spec,
             &StoreSource {
                 env,
@@ -166,7 +168,7 @@ fn load_data(
         )?,
         None => {
             let dir = spec.location().unwrap_or_default();
-            fusion::data::load(spec, &LocalDir(dir.into()))?
+            nt_runtime::data::load(spec, &LocalDir(dir.into()))?
         }
     };
     splits.check_fits(arch)?;
@@ -237,10 +239,10 @@ impl TrainHooks for Hooks<'_> {
     fn epoch_end(
         &mut self,
         epoch: usize,
-        state: &dyn Fn() -> fusion::Result<TrainState>,
-    ) -> fusion::Result<()> {
+        state: &dyn Fn() -> nt_runtime::Result<TrainState>,
+    ) -> nt_runtime::Result<()> {
         let key = layout::epoch_state(&self.task.output_prefix, epoch);
-        let bytes = checkpoint::train_state_to_bytes(&state()?)?;
+        let bytes = nt_runtime::train::train_state_to_bytes(&state()?)?;
         if let Err(e) = self.env.put(&key, bytes) {
             // Training can go on; a retry would resume from an older state.
             tracing::warn!(error = %e, "writing an epoch checkpoint");
@@ -267,7 +269,7 @@ pub fn execute(
         tch::set_num_threads(n as i32);
     }
     let arch = Architecture::from_json(&task.architecture_json)?;
-    let data_spec = spec::data_spec(&task.data.clone().unwrap_or_default());
+    let data_spec = wire::data_from_wire(&task.data.clone().unwrap_or_default());
     let device = env.device;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
     // Models are evaluated and fine-tuned with the normalisation they were trained with.
@@ -282,12 +284,12 @@ pub fn execute(
     let normalization = first_model
         .as_ref()
         .and_then(|s| s.input())
-        .map(|i| i.normalization());
+        .map(|i| nt_runtime::data::Normalization::from(&i));
     let data = load_data(env, &data_spec, &arch, device, normalization)?;
     let mut result = match kind {
         pb::TaskKind::Train | pb::TaskKind::FineTune => {
             let mut config =
-                spec::train_config(task.training.as_ref(), task.seed, data_spec.augment);
+                wire::training_from_wire(task.training.as_ref(), task.seed, data_spec.augment);
             let (mut net, before, teachers) = if kind == pb::TaskKind::Train {
                 (
                     train::init_network(&arch, device, task.seed)?,
@@ -316,7 +318,7 @@ pub fn execute(
                 None
             } else {
                 let bytes = env.get(&task.resume_state)?;
-                Some(checkpoint::train_state_from_bytes(
+                Some(nt_runtime::train::train_state_from_bytes(
                     &task.resume_state,
                     Vec::from(bytes),
                 )?)

@@ -79,7 +79,7 @@ const REPORT_LIMIT: Duration = Duration::from_secs(30);
 
 impl Worker {
     pub fn new(args: WorkerArgs) -> Result<Arc<Self>> {
-        let device = fusion::device::parse_device(&args.device)?;
+        let device = nt_runtime::device::parse_device(&args.device)?;
         let storage = nt_common::Storage::open(&args.storage)?;
         let client = connect(&args)?;
         Ok(Arc::new(Worker {

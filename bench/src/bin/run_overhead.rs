@@ -53,8 +53,7 @@ fine_tuning:
 "#,
         e = args.epochs
     );
-    let spec =
-        nt_common::spec::RunSpecFile::from_yaml(&yaml)?.to_proto(std::path::Path::new("."))?;
+    let spec = nt_spec::RunSpecFile::from_yaml(&yaml)?.to_proto(std::path::Path::new("."))?;
     let run_id = submit(&cluster, spec, "")
         .await
         .run

@@ -17,7 +17,7 @@ use anyhow::Result;
 use clap::Parser;
 use fusion::arch::{preset, Architecture};
 use fusion::checkpoint;
-use fusion::model::Network;
+use nt_runtime::model::Network;
 use nt_testkit::cluster::{Cluster, StoreKind};
 use object_store::{ObjectStoreExt, PutPayload};
 

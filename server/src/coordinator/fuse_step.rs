@@ -53,11 +53,11 @@ impl Coordinator {
                 let refs: Vec<_> = states.iter().collect();
                 let mut out = Vec::new();
                 for &method in &blocking_plan.methods {
-                    let mut fused = fusion::fuse(
+                    let mut fused = nt_runtime::fuse(
                         method,
                         &blocking_plan.arch,
                         &refs,
-                        &fusion::FuseOptions::default(),
+                        &nt_runtime::FuseOptions::default(),
                     )
                     .map_err(|e| format!("{method}: {e}"))?;
                     let mut lineage = fused.state.lineage().unwrap_or_default();

@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nt_common::layout;
-use nt_common::spec::{self, Device, MemberPlan, Plan};
 use nt_common::{now_ms, Storage};
 use nt_proto::v1 as pb;
+use nt_spec::{wire, Device, MemberPlan, Plan};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, instrument, warn};
@@ -208,9 +208,10 @@ impl Coordinator {
             let mut st = coordinator.lock();
             for record in records {
                 let run_id = record.run.run_id.clone();
-                let plan = match spec::plan(&record.run.spec.clone().unwrap_or_default(), &|r| {
-                    coordinator.storage.key_of(r)
-                }) {
+                let plan = match Plan::from_wire(
+                    &record.run.spec.clone().unwrap_or_default(),
+                    &|r| coordinator.storage.key_of(r),
+                ) {
                     Ok(p) => Arc::new(p),
                     Err(e) => {
                         warn!(run_id = %run_id, error = %e, "stored run no longer validates; leaving it as it is");
@@ -454,13 +455,13 @@ impl Coordinator {
             TaskWork::Train { member } => {
                 if let MemberPlan::Train(configs) = &plan.members {
                     let c = &configs[*member];
-                    task.training = Some(spec::training_to_proto(c));
+                    task.training = Some(wire::training_to_wire(c));
                     task.seed = c.seed;
                 }
             }
             TaskWork::FineTune { method } => {
                 let c = &plan.fine_tune;
-                task.training = Some(spec::training_to_proto(c));
+                task.training = Some(wire::training_to_wire(c));
                 task.seed = c.seed;
                 task.init_checkpoint = layout::fused(run_id, method.as_str());
                 if let Some(d) = c.distill {
@@ -678,7 +679,7 @@ impl Coordinator {
                 after.parameters = f.parameters;
                 after.checkpoint = layout::fine_tuned(&run_id, &name);
                 pb::FusedReport {
-                    method: spec::method_to_proto(f.method).map_or(0, |m| m as i32),
+                    method: wire::method_to_wire(f.method).map_or(0, |m| m as i32),
                     after_fusion: Some(after_fusion),
                     after_fine_tuning: Some(after),
                     fusion_seconds: f.seconds,
@@ -812,7 +813,7 @@ impl RunApi for Coordinator {
             }
         }
         tracing::Span::current().record("run_id", run_id.as_str());
-        let plan = spec::plan(&spec, &|r| self.storage.key_of(r))?;
+        let plan = Plan::from_wire(&spec, &|r| self.storage.key_of(r))?;
         self.check_existing_members(&plan).await?;
         if !request_id.is_empty() {
             run_id = self.metastore.claim_request(&request_id, &run_id).await?;

@@ -7,41 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use fusion::Method;
 
-/// What a task does, with its coordinates in the run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum TaskWork {
-    Train { member: usize },
-    FineTune { method: Method },
-    Evaluate,
-}
-
-impl TaskWork {
-    /// The task's name within its run (also its folder in the store).
-    pub fn local_name(&self) -> String {
-        match self {
-            TaskWork::Train { member } => format!("member-{member}"),
-            TaskWork::FineTune { method } => format!("fine-tune-{method}"),
-            TaskWork::Evaluate => "evaluate".into(),
-        }
-    }
-
-    pub fn label(&self) -> String {
-        match self {
-            TaskWork::Train { member } => format!("member {member}"),
-            TaskWork::FineTune { method } => format!("{method} fine-tuning"),
-            TaskWork::Evaluate => "evaluation".into(),
-        }
-    }
-
-    pub fn kind(&self) -> pb::TaskKind {
-        match self {
-            TaskWork::Train { .. } => pb::TaskKind::Train,
-            TaskWork::FineTune { .. } => pb::TaskKind::FineTune,
-            TaskWork::Evaluate => pb::TaskKind::Evaluate,
-        }
-    }
-}
+pub use nt_spec::TaskWork;
 
 /// The coordinator's side of a task.
 #[derive(Clone, Debug, Serialize, Deserialize)]

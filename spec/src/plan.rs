@@ -1,0 +1,388 @@
+//! The validated, resolved plan of a run: every default filled in, in the
+//! fusion engine's and the trainer's types. [`Plan::from_wire`] is the one
+//! way from a wire spec to a plan; everything downstream reads the plan.
+
+use fusion::arch::Architecture;
+use fusion::Method;
+use nt_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataSpec;
+use crate::defaults;
+use crate::train::TrainConfig;
+use crate::wire;
+use crate::SpecError;
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::new(field, message)
+}
+
+/// Where a run's tasks may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Any,
+    Gpu,
+    Cpu,
+}
+
+/// The members of a plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MemberPlan {
+    /// Train one member per config.
+    Train(Vec<TrainConfig>),
+    /// Fuse these existing checkpoints (object keys).
+    Existing(Vec<String>),
+}
+
+/// A validated run spec, in the fusion engine's types.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: String,
+    pub arch: Architecture,
+    pub data: DataSpec,
+    pub members: MemberPlan,
+    pub methods: Vec<Method>,
+    pub fine_tune: TrainConfig,
+    pub eval_batch: usize,
+    pub device: Device,
+    pub max_attempts: u32,
+}
+
+/// Most members a run may have.
+pub const MAX_MEMBERS: usize = defaults::MAX_MEMBERS;
+
+/// The `[channels, height, width]` of a data set's images, when known from its name.
+fn dataset_shape(data: &DataSpec) -> Option<([usize; 3], Option<usize>)> {
+    match data.dataset.as_str() {
+        "fashion-mnist" | "mnist" | "kmnist" => Some(([1, 28, 28], Some(10))),
+        n if n.starts_with("emnist-") => Some(([1, 28, 28], None)),
+        "cifar10" => Some(([3, 32, 32], Some(10))),
+        "cifar100" => Some(([3, 32, 32], Some(100))),
+        "synthetic" => {
+            let s = data.synthetic.clone().unwrap_or_default();
+            Some((s.shape, Some(s.classes)))
+        }
+        _ => None,
+    }
+}
+
+impl Plan {
+    /// Validates a wire spec into a plan. `key_of` turns checkpoint references
+    /// into object keys of the service's store (or says why it cannot).
+    pub fn from_wire(
+        spec: &pb::RunSpec,
+        key_of: &dyn Fn(&str) -> Result<String, String>,
+    ) -> Result<Plan, SpecError> {
+        plan(spec, key_of)
+    }
+}
+
+fn plan(
+    spec: &pb::RunSpec,
+    key_of: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<Plan, SpecError> {
+    let arch = wire::architecture_from_wire(spec.architecture.as_ref())?;
+    let data = wire::data_from_wire(&spec.data.clone().unwrap_or_default());
+    data.files()?;
+    if !(0.0..1.0).contains(&data.validation) {
+        return Err(err(
+            "data.validation",
+            format!("must be in [0, 1), got {}", data.validation),
+        ));
+    }
+    if let Some((shape, classes)) = dataset_shape(&data) {
+        let need: usize = arch.input_shape().iter().product();
+        if need != shape.iter().product::<usize>() {
+            return Err(err(
+                "architecture",
+                format!(
+                    "`{}` takes inputs of shape {:?} but {} has images of shape {shape:?}",
+                    arch.name(),
+                    arch.input_shape(),
+                    data.dataset
+                ),
+            ));
+        }
+        let outputs: usize = arch.output_shape().iter().product();
+        if let Some(c) = classes {
+            if outputs < c {
+                return Err(err(
+                    "architecture",
+                    format!(
+                        "`{}` has {outputs} outputs but {} has {c} classes",
+                        arch.name(),
+                        data.dataset
+                    ),
+                ));
+            }
+        }
+    }
+    fusion::coupling::Coupling::derive(&arch).map_err(|e| err("architecture", e.to_string()))?;
+
+    let members_spec = spec.members.clone().unwrap_or_default();
+    let members = if !members_spec.checkpoints.is_empty() {
+        if members_spec.checkpoints.len() < 2 {
+            return Err(err(
+                "members.checkpoints",
+                "fusion needs at least 2 members, got 1",
+            ));
+        }
+        if members_spec.checkpoints.len() > MAX_MEMBERS {
+            return Err(err(
+                "members.checkpoints",
+                format!("at most {MAX_MEMBERS} members"),
+            ));
+        }
+        let keys = members_spec
+            .checkpoints
+            .iter()
+            .enumerate()
+            .map(|(i, c)| key_of(c).map_err(|m| err(format!("members.checkpoints[{i}]"), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        MemberPlan::Existing(keys)
+    } else {
+        let count = if members_spec.count == 0 {
+            defaults::MEMBERS
+        } else {
+            members_spec.count as usize
+        };
+        if count < 2 {
+            return Err(err(
+                "members.count",
+                format!("fusion needs at least 2 members, got {count}"),
+            ));
+        }
+        if count > MAX_MEMBERS {
+            return Err(err(
+                "members.count",
+                format!("at most {MAX_MEMBERS} members, got {count}"),
+            ));
+        }
+        let seeds: Vec<u64> = if members_spec.seeds.is_empty() {
+            (1..=count as u64).collect()
+        } else if members_spec.seeds.len() == count {
+            members_spec.seeds.clone()
+        } else {
+            return Err(err(
+                "members.seeds",
+                format!("{} seeds for {count} members", members_spec.seeds.len()),
+            ));
+        };
+        let configs: Vec<TrainConfig> = seeds
+            .iter()
+            .map(|&s| wire::training_from_wire(members_spec.training.as_ref(), s, data.augment))
+            .collect();
+        configs[0]
+            .validate()
+            .map_err(|e| err("members.training", e.message))?;
+        MemberPlan::Train(configs)
+    };
+
+    let mut methods = Vec::new();
+    for (i, &m) in spec.fusion.iter().enumerate() {
+        let method = pb::FusionMethod::try_from(m)
+            .ok()
+            .and_then(wire::method_from_wire)
+            .ok_or_else(|| err(format!("fusion[{i}]"), format!("unknown fusion method {m}")))?;
+        if methods.contains(&method) {
+            return Err(err(
+                format!("fusion[{i}]"),
+                format!("`{method}` is listed twice"),
+            ));
+        }
+        methods.push(method);
+    }
+    if methods.is_empty() {
+        methods.push(
+            defaults::METHOD
+                .parse()
+                .map_err(|e: fusion::FusionError| err("fusion", e.to_string()))?,
+        );
+    }
+
+    let ft = spec.fine_tuning.clone().unwrap_or_default();
+    let mut fine_tune = wire::training_from_wire(
+        ft.training.as_ref(),
+        ft.seed.unwrap_or(defaults::FINE_TUNE_SEED),
+        data.augment,
+    );
+    fine_tune.distill = ft.distill.as_ref().map(wire::distill_from_wire);
+    fine_tune
+        .validate()
+        .map_err(|e| err("fine_tuning", e.message))?;
+
+    let eval_batch = spec
+        .evaluation
+        .and_then(|e| e.batch_size)
+        .map_or(defaults::EVAL_BATCH, |b| b as usize);
+    if eval_batch == 0 {
+        return Err(err("evaluation.batch_size", "must be at least 1"));
+    }
+    let device = wire::device_from_wire(spec.device)?;
+    let max_attempts = spec.max_attempts.unwrap_or(defaults::MAX_ATTEMPTS);
+    if !(1..=defaults::MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
+        return Err(err(
+            "max_attempts",
+            format!(
+                "must be between 1 and {}, got {max_attempts}",
+                defaults::MAX_ATTEMPTS_LIMIT
+            ),
+        ));
+    }
+    Ok(Plan {
+        name: spec.name.clone(),
+        arch,
+        data,
+        members,
+        methods,
+        fine_tune,
+        eval_batch,
+        device,
+        max_attempts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Augment, SyntheticSpec};
+    use crate::file::RunSpecFile;
+    use crate::train::Schedule;
+    use crate::wire::{data_from_wire, training_from_wire, training_to_wire};
+
+    const SPEC: &str = r#"
+name: demo
+data: {dataset: fashion-mnist, train_subset: 1000}
+architecture: mlp
+members:
+  count: 2
+  training: {epochs: 3, lr: 0.05, schedule: {kind: step, every: 2, gamma: 0.5}}
+fusion: [nt, average]
+fine_tuning:
+  training: {epochs: 2}
+  distill: {temperature: 3}
+device: any
+"#;
+
+    fn keys(r: &str) -> Result<String, String> {
+        Ok(r.to_string())
+    }
+
+    #[test]
+    fn a_yaml_spec_becomes_a_plan() {
+        let file = RunSpecFile::from_yaml(SPEC).unwrap();
+        let wire = file.to_proto(std::path::Path::new(".")).unwrap();
+        let plan = plan(&wire, &keys).unwrap();
+        assert_eq!(plan.methods, [Method::Nt, Method::Average]);
+        let MemberPlan::Train(members) = &plan.members else {
+            panic!("members should train")
+        };
+        assert_eq!(members.len(), 2);
+        assert_eq!((members[0].seed, members[1].seed), (1, 2));
+        assert_eq!(members[0].epochs, 3);
+        assert_eq!(members[0].lr, 0.05);
+        assert_eq!(members[0].momentum, 0.9);
+        assert_eq!(
+            members[0].schedule,
+            Schedule::Step {
+                every: 2,
+                gamma: 0.5
+            }
+        );
+        assert_eq!(plan.fine_tune.epochs, 2);
+        assert_eq!(plan.fine_tune.distill.unwrap().temperature, 3.0);
+        assert_eq!(plan.data.train_subset, Some(1000));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let e = RunSpecFile::from_yaml("architecture: mlp\nmembers: {count: 2}\nfusoin: [nt]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("fusoin"), "{e}");
+        let e = RunSpecFile::from_yaml(
+            "architecture: mlp\nmembers: {count: 2, training: {epoch: 3}}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("epoch"), "{e}");
+        let bad = |yaml: &str| {
+            let f = RunSpecFile::from_yaml(yaml).unwrap();
+            plan(&f.to_proto(std::path::Path::new(".")).unwrap(), &keys).unwrap_err()
+        };
+        let e = bad("architecture: alexnet\nmembers: {count: 2}\n");
+        assert_eq!(e.field, "architecture");
+        assert!(e.message.contains("alexnet"), "{e}");
+        let e = bad("architecture: mlp\nmembers: {count: 1}\n");
+        assert_eq!(e.field, "members.count");
+        let e = bad("architecture: resnet18\nmembers: {count: 2}\n");
+        assert!(
+            e.message.contains("[3, 32, 32]") && e.message.contains("[1, 28, 28]"),
+            "{e}"
+        );
+        let e = bad("architecture: mlp\nmembers: {count: 2, training: {lr: -1}}\n");
+        assert_eq!(e.field, "members.training");
+        let e = bad("architecture: mlp\ndata: {dataset: imagenet}\nmembers: {count: 2}\n");
+        assert_eq!(e.field, "data.dataset");
+        let e =
+            RunSpecFile::from_yaml("architecture: mlp\nmembers: {count: 2}\nfusion: [concat]\n")
+                .unwrap()
+                .to_proto(std::path::Path::new("."))
+                .unwrap_err();
+        assert_eq!(e.field, "fusion[0]");
+    }
+
+    #[test]
+    fn every_example_spec_is_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let file = RunSpecFile::from_yaml(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let wire = file.to_proto(&dir).unwrap();
+                plan(&wire, &keys).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 5, "found {seen} example specs");
+    }
+
+    #[test]
+    fn training_round_trips_through_the_wire() {
+        let c = TrainConfig {
+            epochs: 7,
+            lr: 0.2,
+            nesterov: true,
+            schedule: Schedule::MultiStep {
+                milestones: vec![2, 4],
+                gamma: 0.1,
+            },
+            seed: 9,
+            ..TrainConfig::default()
+        };
+        let back = training_from_wire(Some(&training_to_wire(&c)), 9, Augment::default());
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn synthetic_noise_zero_survives_the_wire() {
+        let yaml = "data: {dataset: synthetic, synthetic: {noise: 0, train: 64}}\n\
+                    architecture: mlp\nmembers: {count: 2}\n";
+        let wire = RunSpecFile::from_yaml(yaml)
+            .unwrap()
+            .to_proto(std::path::Path::new("."))
+            .unwrap();
+        let data = data_from_wire(wire.data.as_ref().unwrap());
+        let s = data.synthetic.unwrap();
+        assert_eq!((s.noise, s.train), (0.0, 64));
+        // A wire spec without the field gets the default.
+        let mut d = wire.data.clone().unwrap();
+        d.synthetic.as_mut().unwrap().noise = None;
+        assert_eq!(
+            data_from_wire(&d).synthetic.unwrap().noise,
+            SyntheticSpec::default().noise
+        );
+    }
+}
