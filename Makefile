@@ -18,6 +18,7 @@ demo: setup
 
 test: setup
 	$(ENV) cargo build --workspace --all-targets
+	$(ENV) python3 scripts/check_layout.py .
 	$(ENV) cargo test --workspace -- --test-threads 2
 	$(ENV) deploy/validate.sh
 
@@ -27,6 +28,7 @@ fmt:
 lint: setup
 	cargo fmt --all --check
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
+	$(ENV) python3 scripts/check_layout.py .
 
 bench: bench-fusion bench-throughput bench-paper bench-pipeline
 

@@ -11,6 +11,7 @@
 
 pub mod data;
 pub mod defaults;
+pub mod device;
 mod error;
 pub mod file;
 pub mod plan;

@@ -5,25 +5,16 @@
 use fusion::arch::Architecture;
 use fusion::Method;
 use nt_proto::v1 as pb;
-use serde::{Deserialize, Serialize};
 
 use crate::data::DataSpec;
 use crate::defaults;
+pub use crate::device::Device;
 use crate::train::TrainConfig;
 use crate::wire;
 use crate::SpecError;
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError::new(field, message)
-}
-
-/// Where a run's tasks may run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    Any,
-    Gpu,
-    Cpu,
 }
 
 /// The members of a plan.

@@ -8,7 +8,7 @@ use nt_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataSpec;
-use crate::plan::Device;
+use crate::device::Device;
 use crate::train::TrainConfig;
 use crate::wire;
 use crate::SpecError;

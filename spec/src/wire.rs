@@ -9,7 +9,7 @@ use nt_proto::v1 as pb;
 
 use crate::data::{Augment, DataSpec, SyntheticSpec};
 use crate::defaults;
-use crate::plan::Device;
+use crate::device::Device;
 use crate::train::{Distill, Schedule, TrainConfig};
 use crate::SpecError;
 

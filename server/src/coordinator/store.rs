@@ -1,11 +1,13 @@
-//! Durable runs: one JSON document per run in the object store, written in
-//! revision order per run, with compare-and-swap where the store has it (S3);
-//! idempotency records created atomically.
+//! The store layer: one JSON document per run in the object store, written
+//! in revision order per run, with compare-and-swap where the store has it
+//! (S3); idempotency records created atomically.
 //!
-//! Contract: `save` returns once the document of at least that revision is
-//! stored; a snapshot older than one already stored is skipped, never
-//! written over it. `load_all` returns every run document under `runs/`.
-//! Errors are the store's (an outage is `Unavailable` to callers).
+//! Contract: `save` returns once the document of that revision is stored;
+//! a document older than one already stored is skipped, never written over
+//! it. `load_all` returns every readable run document under `runs/` and
+//! leaves unreadable ones in place, untouched. Errors are the store's (an
+//! outage is `Unavailable` to callers). The coordinator's one
+//! mutate-then-commit path (`super::service`) is the only caller of `save`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use nt_common::layout;
 use nt_common::storage::{Storage, Version, WriteError};
 use object_store::ObjectStore;
 
-use super::model::RunRecord;
+use super::document::RunDocument;
 use crate::error::{CoordinatorError, Result};
 
 #[derive(Default)]
@@ -24,34 +26,14 @@ struct Written {
     version: Option<Version>,
 }
 
-pub struct Metastore {
+pub struct RunStore {
     storage: Storage,
     writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Written>>>>,
 }
 
-/// A serialized run document at one revision.
-pub struct Snapshot {
-    pub run_id: String,
-    pub revision: u64,
-    pub bytes: Bytes,
-}
-
-impl Snapshot {
-    pub fn of(record: &RunRecord) -> Result<Self> {
-        let bytes = serde_json::to_vec_pretty(record).map_err(|e| {
-            CoordinatorError::Internal(format!("serializing run {}: {e}", record.run.run_id))
-        })?;
-        Ok(Snapshot {
-            run_id: record.run.run_id.clone(),
-            revision: record.revision,
-            bytes: Bytes::from(bytes),
-        })
-    }
-}
-
-impl Metastore {
+impl RunStore {
     pub fn new(storage: Storage) -> Self {
-        Metastore {
+        RunStore {
             storage,
             writers: Mutex::new(HashMap::new()),
         }
@@ -62,22 +44,23 @@ impl Metastore {
         writers.entry(run.to_string()).or_default().clone()
     }
 
-    /// Stores a snapshot unless a newer revision is already stored.
-    pub async fn save(&self, snap: Snapshot) -> Result<()> {
-        let writer = self.writer(&snap.run_id);
+    /// Stores a document unless a newer revision is already stored.
+    pub async fn save(&self, doc: &RunDocument) -> Result<()> {
+        let bytes = Bytes::from(doc.to_json().map_err(CoordinatorError::Internal)?);
+        let writer = self.writer(&doc.run_id);
         let mut w = writer.lock().await;
-        if snap.revision <= w.revision && w.version.is_some() {
+        if doc.revision <= w.revision && w.version.is_some() {
             return Ok(());
         }
-        let key = layout::run_doc(&snap.run_id);
+        let key = layout::run_doc(&doc.run_id);
         let version = match &w.version {
-            None => match self.storage.create(&key, snap.bytes.clone()).await {
+            None => match self.storage.create(&key, bytes.clone()).await {
                 Ok(v) => v,
                 // Written before this process started: overwrite is ours to do.
-                Err(WriteError::AlreadyExists(_)) => self.storage.put(&key, snap.bytes).await?,
+                Err(WriteError::AlreadyExists(_)) => self.storage.put(&key, bytes).await?,
                 Err(e) => return Err(e.into()),
             },
-            Some(v) => match self.storage.update(&key, snap.bytes, v).await {
+            Some(v) => match self.storage.update(&key, bytes, v).await {
                 Ok(v) => v,
                 Err(WriteError::Conflict(k)) => {
                     return Err(CoordinatorError::Unavailable(format!(
@@ -87,13 +70,13 @@ impl Metastore {
                 Err(e) => return Err(e.into()),
             },
         };
-        w.revision = snap.revision;
+        w.revision = doc.revision;
         w.version = Some(version);
         Ok(())
     }
 
     /// Every stored run, with the version each was read at.
-    pub async fn load_all(&self) -> Result<Vec<RunRecord>> {
+    pub async fn load_all(&self) -> Result<Vec<RunDocument>> {
         use futures_util::TryStreamExt;
         let prefix = object_store::path::Path::from("runs");
         let metas: Vec<_> = self.storage.store.list(Some(&prefix)).try_collect().await?;
@@ -108,17 +91,14 @@ impl Metastore {
             };
             // One unreadable document must not keep every other run from
             // being served: it is left in place, untouched, and reported.
-            let parsed = serde_json::from_slice::<RunRecord>(&bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|mut r| super::model::upgrade(&mut r).map(|()| r));
-            let record = match parsed {
+            let record = match super::upgrade::read(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(key = %key, error = %e, "skipping a run document it cannot read");
                     continue;
                 }
             };
-            let writer = self.writer(&record.run.run_id);
+            let writer = self.writer(&record.run_id);
             let mut w = writer.lock().await;
             w.revision = record.revision;
             w.version = Some(version);

@@ -1,0 +1,93 @@
+//! The fusing phase's work: read the accepted member checkpoints from the
+//! object store, fuse them with every method of the plan on a blocking
+//! thread (the exactness guard runs below its size limit), and store the
+//! fused models. What to do with the outcome is the runbook's business.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use nt_common::{layout, Storage};
+use nt_spec::Plan;
+use tracing::info;
+
+use super::document::{FusedRecord, GroupKept};
+
+/// Fuses the members `keys` of run `run_id` with every method of `plan`;
+/// the error says which member or method failed and why.
+pub async fn fuse_members(
+    storage: &Storage,
+    run_id: &str,
+    keys: &[String],
+    plan: &Plan,
+) -> Result<Vec<FusedRecord>, String> {
+    let mut members = Vec::with_capacity(keys.len());
+    for key in keys {
+        match storage.get(key).await {
+            Ok(Some((bytes, _))) => members.push((key.clone(), bytes)),
+            Ok(None) => return Err(format!("member checkpoint `{key}` does not exist")),
+            Err(e) => return Err(format!("reading member checkpoint `{key}`: {e}")),
+        }
+    }
+    info!(
+        members = members.len(),
+        methods = plan.methods.len(),
+        "fusing"
+    );
+    let methods = plan.methods.clone();
+    let arch = plan.arch.clone();
+    let lineage_members = keys.to_vec();
+    let fused = tokio::task::spawn_blocking(move || -> Result<Vec<_>, String> {
+        let states = members
+            .into_iter()
+            .map(|(key, bytes)| fusion::checkpoint::load_bytes(&key, Vec::from(bytes)))
+            .collect::<fusion::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let refs: Vec<_> = states.iter().collect();
+        let mut out = Vec::new();
+        for method in methods {
+            let mut fused =
+                nt_runtime::fuse(method, &arch, &refs, &nt_runtime::FuseOptions::default())
+                    .map_err(|e| format!("{method}: {e}"))?;
+            let mut lineage = fused.state.lineage().unwrap_or_default();
+            lineage.members = lineage_members.clone();
+            lineage
+                .metrics
+                .insert("fusion_seconds".into(), fused.report.seconds);
+            fused.state.set_lineage(&lineage);
+            let bytes = fusion::checkpoint::to_bytes(&fused.state).map_err(|e| e.to_string())?;
+            let record = FusedRecord {
+                method,
+                key: String::new(),
+                seconds: fused.report.seconds,
+                parameters: fused.report.parameters as u64,
+                groups: fused
+                    .report
+                    .groups
+                    .iter()
+                    .map(|g| GroupKept {
+                        layers: g.layers.clone(),
+                        width: g.width as u32,
+                        per_member: g.kept_per_member.iter().map(|&k| k as u32).collect(),
+                    })
+                    .collect(),
+            };
+            out.push((record, bytes));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| format!("the fusion thread failed: {e}"))??;
+    let start = Instant::now();
+    let mut records = Vec::new();
+    for (mut record, bytes) in fused {
+        let key = layout::fused(run_id, record.method.as_str());
+        storage
+            .put(&key, Bytes::from(bytes))
+            .await
+            .map_err(|e| format!("storing `{key}`: {e}"))?;
+        record.key = key;
+        records.push(record);
+    }
+    info!(store_seconds = start.elapsed().as_secs_f64(), "fused");
+    Ok(records)
+}

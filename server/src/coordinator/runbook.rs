@@ -1,0 +1,594 @@
+//! The run state machine, without I/O: a [`Runbook`] holds one run's
+//! document and plan, takes events (a lease, a progress report, a result, a
+//! failure, an expired lease, the fusion's outcome, a cancellation) and
+//! returns [`Effect`]s for its driver to perform once the new state is
+//! stored: queue or release tasks, start the fusion, write the report, tell
+//! watchers. No locks, clocks or storage inside: every time is an argument.
+//!
+//! Run states: queued -> training -> fusing -> fine-tuning -> evaluating ->
+//! succeeded, or failed / cancelled from any unfinished state. Runs with
+//! existing member checkpoints go from queued straight to fusing.
+//!
+//! Tasks: pending -> running (a lease, attempt + 1) -> succeeded, or back to
+//! pending after a retryable failure or an expired lease until the plan's
+//! `max_attempts` are used; then failed, which fails the run. A result or
+//! report from an attempt that no longer holds its lease is refused.
+
+use std::sync::Arc;
+
+use nt_common::layout;
+use nt_proto::v1 as pb;
+use nt_spec::task::Job;
+use nt_spec::{Device, EvalItem, MemberPlan, Plan, TaskPlan, TaskWork};
+
+use super::document::{
+    task_id, CurvePoint, FusedRecord, Outcome, Progress, RunDocument, RunState, StoredSpec,
+    TaskRecord, TaskState, FORMAT,
+};
+use crate::error::{CoordinatorError, Result};
+
+/// What the driver does after a transition was stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Queue a task (by task id) for a worker.
+    Queue { task: String, gpu_only: bool },
+    /// Hold a running task's lease for `attempt` (a new lease, or a fresh
+    /// one after a restart).
+    Lease { task: String, attempt: u32 },
+    /// Take a task out of the queue and forget its lease.
+    Release { task: String },
+    /// Start fusing the accepted members.
+    StartFusion,
+    /// A task's result was accepted after this much compute.
+    TaskDone {
+        kind: pb::TaskKind,
+        compute_seconds: f64,
+    },
+    /// The run succeeded: write its report next to the document.
+    WriteReport,
+    /// Tell the run's watchers.
+    Emit(pb::RunEvent),
+}
+
+/// What a worker reported about a running attempt.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub progress: Option<Progress>,
+    /// A resumable epoch state it wrote, and its epoch.
+    pub checkpoint: Option<(String, u32)>,
+    /// A finished epoch of the learning curve.
+    pub epoch: Option<CurvePoint>,
+}
+
+/// A result a worker delivered.
+#[derive(Clone, Debug, Default)]
+pub struct Delivery {
+    pub outcome: Outcome,
+    pub curve: Vec<CurvePoint>,
+    pub compute_seconds: f64,
+}
+
+/// One run: its stored document and its validated plan.
+#[derive(Clone, Debug)]
+pub struct Runbook {
+    pub doc: RunDocument,
+    pub plan: Arc<Plan>,
+}
+
+type Effects = Vec<Effect>;
+
+impl Runbook {
+    /// A new run, queued: its training tasks (or, with existing members, the
+    /// fusion) start once the returned document is stored.
+    pub fn submit(
+        run_id: &str,
+        request_id: &str,
+        spec: pb::RunSpec,
+        plan: Arc<Plan>,
+        now: i64,
+    ) -> (Runbook, Effects) {
+        let mut book = Runbook {
+            doc: RunDocument {
+                format: FORMAT,
+                revision: 0,
+                run_id: run_id.to_string(),
+                request_id: request_id.to_string(),
+                spec: StoredSpec(spec),
+                state: RunState::Queued,
+                message: String::new(),
+                created_ms: now,
+                updated_ms: now,
+                finished_ms: None,
+                event_sequence: 0,
+                tasks: Vec::new(),
+                member_keys: Vec::new(),
+                fused: Vec::new(),
+            },
+            plan,
+        };
+        let mut fx = Vec::new();
+        book.emit_state(now, &mut fx);
+        match &book.plan.members.clone() {
+            MemberPlan::Train(configs) => {
+                for member in 0..configs.len() {
+                    book.add_task(TaskWork::Train { member }, now, &mut fx);
+                }
+            }
+            MemberPlan::Existing(keys) => {
+                book.doc.member_keys = keys.clone();
+                book.advance(now, &mut fx);
+            }
+        }
+        (book, fx)
+    }
+
+    /// What a restarted coordinator does to carry on: queue pending tasks,
+    /// give running ones a fresh lease for their workers to reclaim, start
+    /// an interrupted fusion again.
+    pub fn recover(&self) -> Effects {
+        let mut fx = Vec::new();
+        if self.doc.state.is_final() {
+            return fx;
+        }
+        for t in &self.doc.tasks {
+            let task = self.task_id(t);
+            match t.state {
+                TaskState::Pending => fx.push(Effect::Queue {
+                    task,
+                    gpu_only: self.gpu_only(),
+                }),
+                TaskState::Running => fx.push(Effect::Lease {
+                    task,
+                    attempt: t.attempt,
+                }),
+                _ => {}
+            }
+        }
+        if self.doc.state == RunState::Fusing {
+            fx.push(Effect::StartFusion);
+        }
+        fx
+    }
+
+    pub fn state(&self) -> RunState {
+        self.doc.state
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.doc.run_id
+    }
+
+    fn gpu_only(&self) -> bool {
+        self.plan.device == Device::Gpu
+    }
+
+    fn task_id(&self, t: &TaskRecord) -> String {
+        task_id(&self.doc.run_id, &t.work.local_name())
+    }
+
+    /// The task an attempt's message is about, when that attempt holds its
+    /// lease; otherwise what to tell the worker.
+    pub fn check(
+        &self,
+        local: &str,
+        attempt: u32,
+    ) -> std::result::Result<usize, pb::TaskDirective> {
+        let i = self
+            .doc
+            .task_index(local)
+            .ok_or(pb::TaskDirective::LeaseLost)?;
+        if self.doc.state == RunState::Cancelled {
+            return Err(pb::TaskDirective::Cancel);
+        }
+        let t = &self.doc.tasks[i];
+        if t.state != TaskState::Running || t.attempt != attempt {
+            return Err(pb::TaskDirective::LeaseLost);
+        }
+        Ok(i)
+    }
+
+    /// Where an accepted result of task `i` goes (training and fine-tuning).
+    pub fn canonical_key(&self, i: usize) -> Option<String> {
+        let run = &self.doc.run_id;
+        match &self.doc.tasks[i].work {
+            TaskWork::Train { member } => Some(layout::member(run, *member)),
+            TaskWork::FineTune { method } => Some(layout::fine_tuned(run, method.as_str())),
+            TaskWork::Evaluate => None,
+        }
+    }
+
+    /// The prefix an attempt of task `i` writes under.
+    pub fn attempt_prefix(&self, i: usize, attempt: u32) -> String {
+        layout::attempt_prefix(
+            &self.doc.run_id,
+            &self.doc.tasks[i].work.local_name(),
+            attempt,
+        )
+    }
+
+    /// Leases a pending task to a worker: the next attempt. `None` when the
+    /// task is no longer pending (the run was cancelled meanwhile).
+    pub fn lease(&mut self, local: &str, worker: &str, now: i64) -> Option<(TaskPlan, Effects)> {
+        let i = self.doc.task_index(local)?;
+        if self.doc.state.is_final() || self.doc.tasks[i].state != TaskState::Pending {
+            return None;
+        }
+        let mut fx = Vec::new();
+        let t = &mut self.doc.tasks[i];
+        t.attempt += 1;
+        t.worker_id = worker.to_string();
+        t.progress = None;
+        t.curve.clear();
+        self.set_task_state(i, TaskState::Running, "", now, &mut fx);
+        if self.doc.state == RunState::Queued {
+            self.set_run_state(RunState::Training, "", now, &mut fx);
+        }
+        let plan = self.task_plan(i);
+        fx.push(Effect::Lease {
+            task: plan.task_id.clone(),
+            attempt: plan.attempt,
+        });
+        Some((plan, fx))
+    }
+
+    /// The resolved task of attempt `doc.tasks[i].attempt`.
+    pub fn task_plan(&self, i: usize) -> TaskPlan {
+        let t = &self.doc.tasks[i];
+        let run = &self.doc.run_id;
+        let plan = &self.plan;
+        let job = match &t.work {
+            TaskWork::Train { member } => Job::Train {
+                config: match &plan.members {
+                    MemberPlan::Train(configs) => configs[*member].clone(),
+                    // Existing members are never trained; the plan's
+                    // fine-tuning settings keep the message well-formed.
+                    MemberPlan::Existing(_) => plan.fine_tune.clone(),
+                },
+            },
+            TaskWork::FineTune { method } => Job::FineTune {
+                config: plan.fine_tune.clone(),
+                init: layout::fused(run, method.as_str()),
+                teachers: if plan.fine_tune.distill.is_some() {
+                    self.doc.member_keys.clone()
+                } else {
+                    Vec::new()
+                },
+            },
+            TaskWork::Evaluate => Job::Evaluate {
+                items: self.evaluation_items(),
+            },
+        };
+        TaskPlan {
+            task_id: self.task_id(t),
+            run_id: run.clone(),
+            attempt: t.attempt,
+            label: t.work.label(),
+            arch: plan.arch.clone(),
+            data: plan.data.clone(),
+            job,
+            device: plan.device,
+            eval_batch: plan.eval_batch,
+            output_prefix: self.attempt_prefix(i, t.attempt),
+            resume_state: t.resume.clone(),
+        }
+    }
+
+    /// The members, their ensemble, and every fused model before and after
+    /// fine-tuning.
+    fn evaluation_items(&self) -> Vec<EvalItem> {
+        let item = |name: String, checkpoints: Vec<String>| EvalItem { name, checkpoints };
+        let keys = &self.doc.member_keys;
+        let mut items: Vec<EvalItem> = keys
+            .iter()
+            .enumerate()
+            .map(|(m, k)| item(format!("member {m}"), vec![k.clone()]))
+            .collect();
+        items.push(item("ensemble".into(), keys.clone()));
+        for f in &self.doc.fused {
+            let name = f.method.to_string();
+            let tuned = layout::fine_tuned(&self.doc.run_id, &name);
+            items.push(item(name.clone(), vec![f.key.clone()]));
+            items.push(item(format!("{name} after fine-tuning"), vec![tuned]));
+        }
+        items
+    }
+
+    /// A progress report of a running attempt. `Ok(true)` when it changed
+    /// something that must be stored (a newer epoch state to resume from).
+    pub fn progress(
+        &mut self,
+        local: &str,
+        attempt: u32,
+        report: Report,
+        now: i64,
+        fx: &mut Effects,
+    ) -> std::result::Result<bool, pb::TaskDirective> {
+        let i = self.check(local, attempt)?;
+        let t = &mut self.doc.tasks[i];
+        let mut durable = false;
+        if let Some((key, epoch)) = report.checkpoint {
+            if epoch >= t.resume_epoch {
+                t.resume = Some(key);
+                t.resume_epoch = epoch;
+                durable = true;
+            }
+        }
+        if let Some(point) = report.epoch {
+            t.curve.retain(|p| p.epoch < point.epoch);
+            t.curve.push(point);
+        }
+        // A checkpoint-only report carries no progress: keep the last.
+        if let Some(p) = report.progress {
+            t.progress = Some(p.clone());
+            let event = pb::run_event::Event::TaskProgress(pb::TaskProgressed {
+                task_id: task_id(&self.doc.run_id, local),
+                label: t.work.label(),
+                progress: Some(pb::TaskProgress::from(&p)),
+            });
+            self.emit(event, now, fx);
+        }
+        Ok(durable)
+    }
+
+    /// Accepts an attempt's result; the run moves on when its phase is done.
+    pub fn complete(
+        &mut self,
+        local: &str,
+        attempt: u32,
+        delivery: Delivery,
+        now: i64,
+    ) -> Result<Effects> {
+        let id = task_id(&self.doc.run_id, local);
+        let i = self
+            .check(local, attempt)
+            .map_err(|d| refusal(d, &id, attempt))?;
+        let mut fx = vec![Effect::Release { task: id }];
+        let canonical = self.canonical_key(i);
+        let t = &mut self.doc.tasks[i];
+        t.compute_seconds += delivery.compute_seconds;
+        if !delivery.curve.is_empty() {
+            t.curve = delivery.curve;
+        }
+        t.outcome = Some(delivery.outcome);
+        fx.push(Effect::TaskDone {
+            kind: t.work.kind(),
+            compute_seconds: t.compute_seconds,
+        });
+        if let TaskWork::Train { member } = t.work {
+            let keys = &mut self.doc.member_keys;
+            if keys.len() <= member {
+                keys.resize(member + 1, String::new());
+            }
+            keys[member] = canonical.unwrap_or_default();
+        }
+        self.set_task_state(i, TaskState::Succeeded, "", now, &mut fx);
+        self.advance(now, &mut fx);
+        Ok(fx)
+    }
+
+    /// An attempt that ended without a result: retried when `retryable` and
+    /// attempts remain, else the run fails.
+    pub fn fail(
+        &mut self,
+        local: &str,
+        attempt: u32,
+        error: &str,
+        retryable: bool,
+        now: i64,
+    ) -> Result<Effects> {
+        let i = self.check(local, attempt).map_err(|_| {
+            CoordinatorError::FailedPrecondition(format!(
+                "task `{}` attempt {attempt} no longer holds its lease",
+                task_id(&self.doc.run_id, local)
+            ))
+        })?;
+        let mut fx = Vec::new();
+        if retryable {
+            self.retry_or_fail(i, error, now, &mut fx);
+        } else {
+            let label = self.doc.tasks[i].work.label();
+            self.set_task_state(i, TaskState::Failed, error, now, &mut fx);
+            self.fail_run(&format!("task {label} failed: {error}"), now, &mut fx);
+        }
+        Ok(fx)
+    }
+
+    /// A lease ran out without a heartbeat: the task goes back to the queue
+    /// (or the run fails). Nothing happens for an attempt that already ended.
+    pub fn lease_expired(&mut self, local: &str, attempt: u32, now: i64) -> Effects {
+        let mut fx = Vec::new();
+        if let Ok(i) = self.check(local, attempt) {
+            self.retry_or_fail(i, "lease expired (worker lost)", now, &mut fx);
+        }
+        fx
+    }
+
+    /// The fusion's outcome: fine-tuning starts, or the run fails. Ignored
+    /// when the run left the fusing state meanwhile (it was cancelled).
+    pub fn fused(
+        &mut self,
+        outcome: std::result::Result<Vec<FusedRecord>, String>,
+        now: i64,
+    ) -> Effects {
+        let mut fx = Vec::new();
+        if self.doc.state != RunState::Fusing {
+            return fx;
+        }
+        match outcome {
+            Ok(records) => {
+                let methods: Vec<_> = records.iter().map(|r| r.method).collect();
+                self.doc.fused = records;
+                self.set_run_state(RunState::FineTuning, "", now, &mut fx);
+                for method in methods {
+                    self.add_task(TaskWork::FineTune { method }, now, &mut fx);
+                }
+            }
+            Err(e) => self.fail_run(&format!("fusion failed: {e}"), now, &mut fx),
+        }
+        fx
+    }
+
+    /// Cancels an unfinished run: its tasks stop at their next heartbeat.
+    pub fn cancel(&mut self, reason: &str, now: i64) -> Result<Effects> {
+        if self.doc.state.is_final() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "run `{}` already {}",
+                self.doc.run_id,
+                self.doc.state.name()
+            )));
+        }
+        let reason = if reason.is_empty() {
+            "cancelled by a client"
+        } else {
+            reason
+        };
+        let mut fx = Vec::new();
+        self.stop_tasks(TaskState::Cancelled, reason, now, &mut fx);
+        self.set_run_state(RunState::Cancelled, reason, now, &mut fx);
+        Ok(fx)
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn emit(&mut self, event: pb::run_event::Event, now: i64, fx: &mut Effects) {
+        self.doc.event_sequence += 1;
+        fx.push(Effect::Emit(pb::RunEvent {
+            run_id: self.doc.run_id.clone(),
+            sequence: self.doc.event_sequence,
+            time_unix_ms: now,
+            event: Some(event),
+        }));
+    }
+
+    fn emit_state(&mut self, now: i64, fx: &mut Effects) {
+        let event = pb::run_event::Event::StateChanged(pb::RunStateChanged {
+            state: pb::RunState::from(self.doc.state) as i32,
+            message: self.doc.message.clone(),
+        });
+        self.emit(event, now, fx);
+    }
+
+    fn set_run_state(&mut self, state: RunState, message: &str, now: i64, fx: &mut Effects) {
+        if self.doc.state == state {
+            return;
+        }
+        self.doc.state = state;
+        self.doc.message = message.to_string();
+        if state.is_final() {
+            self.doc.finished_ms = Some(now);
+        }
+        self.emit_state(now, fx);
+    }
+
+    fn set_task_state(
+        &mut self,
+        i: usize,
+        state: TaskState,
+        message: &str,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        let t = &mut self.doc.tasks[i];
+        t.state = state;
+        if state == TaskState::Failed || !message.is_empty() {
+            t.error = message.to_string();
+        }
+        if state != TaskState::Running {
+            t.worker_id.clear();
+        }
+        let event = pb::run_event::Event::TaskChanged(pb::TaskStateChanged {
+            task_id: task_id(&self.doc.run_id, &t.work.local_name()),
+            label: t.work.label(),
+            state: pb::TaskState::from(state) as i32,
+            attempt: t.attempt,
+            worker_id: t.worker_id.clone(),
+            message: message.to_string(),
+        });
+        self.emit(event, now, fx);
+    }
+
+    /// Adds a pending task and queues it.
+    fn add_task(&mut self, work: TaskWork, now: i64, fx: &mut Effects) {
+        self.doc.tasks.push(TaskRecord::new(work));
+        let i = self.doc.tasks.len() - 1;
+        self.set_task_state(i, TaskState::Pending, "", now, fx);
+        fx.push(Effect::Queue {
+            task: self.task_id(&self.doc.tasks[i]),
+            gpu_only: self.gpu_only(),
+        });
+    }
+
+    /// Ends every unfinished task: pending ones leave the queue, running
+    /// ones are told to stop at their next heartbeat.
+    fn stop_tasks(&mut self, state: TaskState, message: &str, now: i64, fx: &mut Effects) {
+        for i in 0..self.doc.tasks.len() {
+            if self.doc.tasks[i].state.is_unfinished() {
+                self.set_task_state(i, state, message, now, fx);
+                fx.push(Effect::Release {
+                    task: self.task_id(&self.doc.tasks[i]),
+                });
+            }
+        }
+    }
+
+    fn fail_run(&mut self, message: &str, now: i64, fx: &mut Effects) {
+        self.stop_tasks(TaskState::Cancelled, "the run failed", now, fx);
+        self.set_run_state(RunState::Failed, message, now, fx);
+    }
+
+    fn retry_or_fail(&mut self, i: usize, why: &str, now: i64, fx: &mut Effects) {
+        let task = self.task_id(&self.doc.tasks[i]);
+        fx.push(Effect::Release { task: task.clone() });
+        let attempts = self.doc.tasks[i].attempt;
+        if attempts >= self.plan.max_attempts {
+            let label = self.doc.tasks[i].work.label();
+            self.set_task_state(i, TaskState::Failed, why, now, fx);
+            let message = format!("task {label} failed after {attempts} attempt(s): {why}");
+            self.fail_run(&message, now, fx);
+        } else {
+            self.set_task_state(i, TaskState::Pending, why, now, fx);
+            fx.push(Effect::Queue {
+                task,
+                gpu_only: self.gpu_only(),
+            });
+        }
+    }
+
+    /// Moves the run on when every task of its phase succeeded.
+    fn advance(&mut self, now: i64, fx: &mut Effects) {
+        let all_done = |book: &Runbook, phase: fn(&TaskWork) -> bool| {
+            book.doc
+                .tasks
+                .iter()
+                .filter(|t| phase(&t.work))
+                .all(|t| t.state == TaskState::Succeeded)
+        };
+        match self.doc.state {
+            RunState::Queued | RunState::Training
+                if all_done(self, |w| matches!(w, TaskWork::Train { .. })) =>
+            {
+                self.set_run_state(RunState::Fusing, "", now, fx);
+                fx.push(Effect::StartFusion);
+            }
+            RunState::FineTuning if all_done(self, |w| matches!(w, TaskWork::FineTune { .. })) => {
+                self.set_run_state(RunState::Evaluating, "", now, fx);
+                self.add_task(TaskWork::Evaluate, now, fx);
+            }
+            RunState::Evaluating if all_done(self, |w| *w == TaskWork::Evaluate) => {
+                self.set_run_state(RunState::Succeeded, "", now, fx);
+                fx.push(Effect::WriteReport);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Why a result is refused.
+fn refusal(directive: pb::TaskDirective, task: &str, attempt: u32) -> CoordinatorError {
+    CoordinatorError::FailedPrecondition(match directive {
+        pb::TaskDirective::Cancel => format!("task `{task}`: the run was cancelled"),
+        _ => format!(
+            "task `{task}` attempt {attempt} no longer holds its lease; its result is refused"
+        ),
+    })
+}

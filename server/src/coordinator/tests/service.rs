@@ -1,0 +1,279 @@
+//! The driver's one mutate-then-commit path: for every operation that
+//! writes, a failed store write leaves the coordinator's memory (the run as
+//! clients see it, its events, the queue and the leases) as it was, and the
+//! same operation succeeds once the store is back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nt_common::Storage;
+use nt_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use super::failing_store::FailingStore;
+use super::spec;
+use crate::coordinator::service::lock;
+use crate::coordinator::{Coordinator, CoordinatorConfig, RunApi, WorkerApi};
+use crate::error::CoordinatorError;
+use crate::metrics::Metrics;
+
+async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
+    let store = FailingStore::new();
+    let storage = Storage {
+        store: store.clone(),
+        url: "memory://".into(),
+        bucket: None,
+        conditional_updates: true,
+    };
+    let config = CoordinatorConfig {
+        lease_ttl: Duration::from_secs(4),
+        heartbeat_interval: Duration::from_secs(1),
+        max_lease_wait: Duration::from_millis(20),
+        // Sweeps are called by the tests.
+        sweep_interval: Duration::from_secs(3600),
+    };
+    let c = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
+        .await
+        .unwrap();
+    (c, store)
+}
+
+/// Everything a failed write must leave as it was.
+#[derive(Debug, PartialEq)]
+struct Memory {
+    run: pb::Run,
+    events: usize,
+    queued: Vec<String>,
+    leases: Vec<(String, u32)>,
+}
+
+async fn memory(c: &Coordinator, run_id: &str) -> Memory {
+    let (events, _) = c.watch(run_id, 0).await.unwrap();
+    let run = c.get(run_id).await.unwrap();
+    let sched = lock(&c.scheduler);
+    Memory {
+        run,
+        events: events.len(),
+        queued: sched.queued().into_iter().map(String::from).collect(),
+        leases: sched.expired(Instant::now() + Duration::from_secs(86_400)),
+    }
+}
+
+fn is_outage(e: &CoordinatorError) -> bool {
+    matches!(e, CoordinatorError::Unavailable(_))
+}
+
+/// A coordinator with a registered worker and one submitted two-member run.
+async fn with_run() -> (Arc<Coordinator>, Arc<FailingStore>, String, String) {
+    let (c, store) = coordinator().await;
+    let worker = c
+        .register("w", pb::WorkerCapabilities::default())
+        .await
+        .unwrap()
+        .worker_id;
+    let (run, _) = c
+        .submit(spec("members: {count: 2}\n"), String::new())
+        .await
+        .unwrap();
+    (c, store, run.run_id, worker)
+}
+
+#[tokio::test]
+async fn a_run_whose_first_write_fails_is_not_kept() {
+    let (c, store) = coordinator().await;
+    store.fail(true);
+    let e = c
+        .submit(spec("members: {count: 2}\n"), "req-1".into())
+        .await
+        .unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    let (runs, _) = c.list(0, "", pb::RunState::Unspecified).await.unwrap();
+    assert!(runs.is_empty());
+    assert_eq!(lock(&c.scheduler).queue_depth(), 0);
+    store.fail(false);
+    // The same request id then creates the run.
+    let (run, created) = c
+        .submit(spec("members: {count: 2}\n"), "req-1".into())
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(run.tasks.len(), 2);
+}
+
+#[tokio::test]
+async fn a_lease_whose_write_fails_changes_nothing_and_the_task_waits_at_the_head() {
+    let (c, store, run_id, worker) = with_run().await;
+    let before = memory(&c, &run_id).await;
+    store.fail(true);
+    let e = c
+        .lease(&worker, Duration::from_millis(10))
+        .await
+        .unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    assert_eq!(memory(&c, &run_id).await, before);
+    store.fail(false);
+    let task = c
+        .lease(&worker, Duration::from_millis(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((task.label.as_str(), task.attempt), ("member 0", 1));
+}
+
+/// Leases member 0 and returns its task.
+async fn leased(c: &Coordinator, worker: &str) -> pb::Task {
+    c.lease(worker, Duration::from_millis(10))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_progress_report_whose_write_fails_changes_nothing() {
+    let (c, store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let before = memory(&c, &run_id).await;
+    store.fail(true);
+    let report = pb::ReportProgressRequest {
+        task_id: task.task_id.clone(),
+        attempt: 1,
+        checkpoint: format!("{}/epoch-0001.state.safetensors", task.output_prefix),
+        checkpoint_epoch: 1,
+        progress: Some(pb::TaskProgress {
+            epoch: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = c.progress(&worker, report.clone()).await.unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    assert_eq!(memory(&c, &run_id).await, before);
+    store.fail(false);
+    c.progress(&worker, report).await.unwrap();
+    let run = c.get(&run_id).await.unwrap();
+    assert!(run.tasks[0]
+        .checkpoint
+        .ends_with("epoch-0001.state.safetensors"));
+}
+
+#[tokio::test]
+async fn a_result_whose_write_fails_is_not_accepted() {
+    let (c, store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let model = format!("{}/model.safetensors", task.output_prefix);
+    c.storage()
+        .put(&model, Bytes::from_static(b"weights"))
+        .await
+        .unwrap();
+    let result = pb::TaskResult {
+        checkpoint: model,
+        compute_seconds: 1.0,
+        ..Default::default()
+    };
+    let before = memory(&c, &run_id).await;
+    store.fail(true);
+    let e = c
+        .complete(&worker, &task.task_id, 1, result.clone())
+        .await
+        .unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    assert_eq!(memory(&c, &run_id).await, before);
+    store.fail(false);
+    c.complete(&worker, &task.task_id, 1, result).await.unwrap();
+    let run = c.get(&run_id).await.unwrap();
+    assert_eq!(run.tasks[0].state, pb::TaskState::Succeeded as i32);
+}
+
+#[tokio::test]
+async fn a_failure_report_whose_write_fails_changes_nothing() {
+    let (c, store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let before = memory(&c, &run_id).await;
+    store.fail(true);
+    let e = c
+        .fail(&worker, &task.task_id, 1, "disk full", true)
+        .await
+        .unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    assert_eq!(memory(&c, &run_id).await, before);
+    store.fail(false);
+    c.fail(&worker, &task.task_id, 1, "disk full", true)
+        .await
+        .unwrap();
+    let after = memory(&c, &run_id).await;
+    assert_eq!(after.queued.len(), 2, "the task is queued again");
+    assert!(after.leases.is_empty());
+}
+
+#[tokio::test]
+async fn a_cancellation_whose_write_fails_changes_nothing() {
+    let (c, store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let before = memory(&c, &run_id).await;
+    store.fail(true);
+    let e = c.cancel(&run_id, "no longer needed").await.unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    assert_eq!(memory(&c, &run_id).await, before);
+    // The running attempt still holds its lease.
+    let lease = pb::TaskLease {
+        task_id: task.task_id.clone(),
+        attempt: 1,
+    };
+    let reply = c
+        .heartbeat(&worker, std::slice::from_ref(&lease))
+        .await
+        .unwrap();
+    assert_eq!(reply[0].directive, pb::TaskDirective::Continue as i32);
+    store.fail(false);
+    c.cancel(&run_id, "no longer needed").await.unwrap();
+    let reply = c.heartbeat(&worker, &[lease]).await.unwrap();
+    assert_eq!(reply[0].directive, pb::TaskDirective::Cancel as i32);
+    assert_eq!(memory(&c, &run_id).await.queued, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_expiry_whose_write_fails_is_found_again_by_the_next_sweep() {
+    let (c, store, run_id, worker) = with_run().await;
+    leased(&c, &worker).await;
+    let before = memory(&c, &run_id).await;
+    let later = Instant::now() + Duration::from_secs(10);
+    store.fail(true);
+    c.sweep(later).await;
+    assert_eq!(memory(&c, &run_id).await, before);
+    store.fail(false);
+    c.sweep(later).await;
+    let after = memory(&c, &run_id).await;
+    assert_eq!(after.run.tasks[0].state, pb::TaskState::Pending as i32);
+    assert_eq!(after.queued.len(), 2);
+    assert!(after.leases.is_empty());
+    // Re-queued at the back: member 1 goes first, then member 0's second attempt.
+    assert_eq!(leased(&c, &worker).await.label, "member 1");
+    let task = leased(&c, &worker).await;
+    assert_eq!((task.label.as_str(), task.attempt), ("member 0", 2));
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_carries_on_from_the_stored_documents() {
+    let (c, store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let storage = c.storage().clone();
+    drop(c);
+    let config = CoordinatorConfig {
+        lease_ttl: Duration::from_secs(4),
+        sweep_interval: Duration::from_secs(3600),
+        ..CoordinatorConfig::default()
+    };
+    let again = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
+        .await
+        .unwrap();
+    let m = memory(&again, &run_id).await;
+    assert_eq!(
+        m.leases,
+        [(task.task_id.clone(), 1)],
+        "a fresh lease for the running task"
+    );
+    assert_eq!(m.queued.len(), 1, "the pending task is queued");
+    assert_eq!(m.run.state, pb::RunState::Training as i32);
+    drop(store);
+}

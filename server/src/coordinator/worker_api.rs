@@ -1,0 +1,260 @@
+//! The worker-facing operations of the coordinator ([`WorkerApi`]).
+
+use std::time::{Duration, Instant};
+
+use nt_common::{layout, now_ms};
+use nt_proto::v1 as pb;
+use tracing::{info, instrument, warn};
+
+use super::api::WorkerApi;
+use super::document::{parse_task_id, CurvePoint, Outcome, Progress};
+use super::runbook::{Delivery, Report};
+use super::service::Coordinator;
+use super::service::{lock, Step};
+use crate::error::{CoordinatorError, Result};
+
+/// The run part of a task id, for log spans.
+fn run_of(task_id: &str) -> &str {
+    parse_task_id(task_id).map_or("", |(run, _)| run)
+}
+
+fn lease_lost(task_id: &str, attempt: u32) -> CoordinatorError {
+    CoordinatorError::FailedPrecondition(format!(
+        "task `{task_id}` attempt {attempt} no longer holds its lease"
+    ))
+}
+
+impl WorkerApi for Coordinator {
+    async fn register(
+        &self,
+        name: &str,
+        capabilities: pb::WorkerCapabilities,
+    ) -> Result<pb::RegisterWorkerResponse> {
+        let id = format!(
+            "{}-{}",
+            if name.is_empty() { "worker" } else { name },
+            &layout::new_run_id()[17..]
+        );
+        info!(worker_id = %id, gpus = capabilities.gpus, slots = capabilities.slots, "worker registered");
+        lock(&self.scheduler).register(&id, capabilities, Instant::now());
+        self.update_gauges();
+        Ok(pb::RegisterWorkerResponse {
+            worker_id: id,
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+            lease_ttl_ms: self.config.lease_ttl.as_millis() as u32,
+        })
+    }
+
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id))]
+    async fn lease(&self, worker_id: &str, wait: Duration) -> Result<Option<pb::Task>> {
+        let deadline = Instant::now() + wait.min(self.config.max_lease_wait);
+        loop {
+            let notified = self.task_ready.notified();
+            let picked = lock(&self.scheduler)
+                .pick(worker_id, Instant::now())
+                .map_err(|_| {
+                    CoordinatorError::NotFound(format!(
+                        "worker `{worker_id}` is not registered (register again)"
+                    ))
+                })?;
+            if let Some(queued) = picked {
+                let Some((run_id, local)) = parse_task_id(&queued.task) else {
+                    continue;
+                };
+                let leased = self
+                    .commit(run_id, |book| {
+                        Ok(match book.lease(local, worker_id, now_ms()) {
+                            Some((plan, effects)) => Step::stored(Some(plan), effects),
+                            // No longer pending (cancelled meanwhile): drop it.
+                            None => Step {
+                                value: None,
+                                effects: Vec::new(),
+                                durable: false,
+                            },
+                        })
+                    })
+                    .await;
+                match leased {
+                    Ok(Some(plan)) => {
+                        tracing::Span::current().record("task_id", plan.task_id.as_str());
+                        self.metrics.leases.inc();
+                        info!(attempt = plan.attempt, "task leased");
+                        return Ok(Some(plan.to_wire()));
+                    }
+                    Ok(None) | Err(CoordinatorError::NotFound(_)) => continue,
+                    Err(e) => {
+                        // Not stored: give the task back rather than risk two
+                        // attempts with one number.
+                        lock(&self.scheduler).put_back(queued);
+                        self.update_gauges();
+                        return Err(e);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline || self.shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(deadline - now) => return Ok(None),
+                _ = self.shutdown.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        tasks: &[pb::TaskLease],
+    ) -> Result<Vec<pb::TaskInstruction>> {
+        let now = Instant::now();
+        lock(&self.scheduler).touch(worker_id, now);
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let held = parse_task_id(&t.task_id)
+                .and_then(|(run, local)| Some((self.slot(run)?, local)))
+                .map_or(Err(pb::TaskDirective::LeaseLost), |(slot, local)| {
+                    lock(&slot.book).check(local, t.attempt).map(|_| ())
+                });
+            let directive = match held {
+                Ok(()) => {
+                    lock(&self.scheduler).renew(&t.task_id, t.attempt, now);
+                    pb::TaskDirective::Continue
+                }
+                Err(d) => d,
+            };
+            out.push(pb::TaskInstruction {
+                task_id: t.task_id.clone(),
+                attempt: t.attempt,
+                directive: directive as i32,
+            });
+        }
+        Ok(out)
+    }
+
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %req.task_id, run_id = run_of(&req.task_id)))]
+    async fn progress(
+        &self,
+        worker_id: &str,
+        req: pb::ReportProgressRequest,
+    ) -> Result<pb::TaskDirective> {
+        let Some((run_id, local)) = parse_task_id(&req.task_id) else {
+            return Ok(pb::TaskDirective::LeaseLost);
+        };
+        if self.slot(run_id).is_none() {
+            return Ok(pb::TaskDirective::LeaseLost);
+        }
+        // The last training throughput (evaluations report none).
+        if let Some(p) = req.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
+            self.metrics
+                .set_samples_per_second(worker_id, p.samples_per_second);
+        }
+        let report = Report {
+            progress: req.progress.as_ref().map(Progress::from),
+            checkpoint: (!req.checkpoint.is_empty())
+                .then(|| (req.checkpoint.clone(), req.checkpoint_epoch)),
+            epoch: req.epoch.as_ref().map(CurvePoint::from),
+        };
+        let directive = self
+            .commit(run_id, |book| {
+                let mut effects = Vec::new();
+                Ok(
+                    match book.progress(local, req.attempt, report, now_ms(), &mut effects) {
+                        Ok(durable) => Step {
+                            value: pb::TaskDirective::Continue,
+                            effects,
+                            durable,
+                        },
+                        Err(directive) => Step {
+                            value: directive,
+                            effects: Vec::new(),
+                            durable: false,
+                        },
+                    },
+                )
+            })
+            .await?;
+        if directive == pb::TaskDirective::Continue {
+            lock(&self.scheduler).renew(&req.task_id, req.attempt, Instant::now());
+        }
+        Ok(directive)
+    }
+
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %task_id, run_id = run_of(task_id), attempt))]
+    async fn complete(
+        &self,
+        worker_id: &str,
+        task_id: &str,
+        attempt: u32,
+        result: pb::TaskResult,
+    ) -> Result<()> {
+        let (run_id, local) = parse_task_id(task_id).ok_or_else(|| lease_lost(task_id, attempt))?;
+        let slot = self
+            .slot(run_id)
+            .ok_or_else(|| lease_lost(task_id, attempt))?;
+        // Validate first, copy the attempt's output to its canonical key, then accept.
+        let (canonical, prefix) = {
+            let book = lock(&slot.book);
+            let i = book.check(local, attempt).map_err(|d| match d {
+                pb::TaskDirective::Cancel => CoordinatorError::FailedPrecondition(format!(
+                    "task `{task_id}`: the run was cancelled"
+                )),
+                _ => CoordinatorError::FailedPrecondition(format!(
+                    "task `{task_id}` attempt {attempt} no longer holds its lease; its result is refused"
+                )),
+            })?;
+            (book.canonical_key(i), book.attempt_prefix(i, attempt))
+        };
+        if let Some(dest) = &canonical {
+            let expected_prefix = format!("{prefix}/");
+            if !result.checkpoint.starts_with(&expected_prefix) {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "result checkpoint `{}` is not under this attempt's prefix `{expected_prefix}`",
+                    result.checkpoint
+                )));
+            }
+            if !self.storage.exists(&result.checkpoint).await? {
+                return Err(CoordinatorError::NotFound(format!(
+                    "result checkpoint `{}` does not exist",
+                    result.checkpoint
+                )));
+            }
+            self.storage.copy(&result.checkpoint, dest).await?;
+        }
+        let delivery = Delivery {
+            outcome: Outcome::from(&result),
+            curve: result.curve.iter().map(CurvePoint::from).collect(),
+            compute_seconds: result.compute_seconds,
+        };
+        self.commit(run_id, |book| {
+            // The lease may have been lost while copying: then this refuses.
+            let effects = book.complete(local, attempt, delivery, now_ms())?;
+            Ok(Step::stored((), effects))
+        })
+        .await?;
+        info!("task completed");
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(worker_id = %worker_id, task_id = %task_id, run_id = run_of(task_id), attempt))]
+    async fn fail(
+        &self,
+        worker_id: &str,
+        task_id: &str,
+        attempt: u32,
+        error: &str,
+        retryable: bool,
+    ) -> Result<()> {
+        let (run_id, local) = parse_task_id(task_id).ok_or_else(|| lease_lost(task_id, attempt))?;
+        if self.slot(run_id).is_none() {
+            return Err(lease_lost(task_id, attempt));
+        }
+        warn!(error, retryable, "task attempt failed");
+        self.commit(run_id, |book| {
+            let effects = book.fail(local, attempt, error, retryable, now_ms())?;
+            Ok(Step::stored((), effects))
+        })
+        .await
+    }
+}
