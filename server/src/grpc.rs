@@ -1,11 +1,13 @@
-//! Thin tonic adapters: check the bearer token, call the coordinator through
-//! [`RunApi`] / [`WorkerApi`], convert the result. No logic lives here.
+//! Thin tonic adapters: extract the request, call the coordinator through
+//! [`RunApi`] / [`WorkerApi`], convert the result. No logic lives here;
+//! authentication and timing are one [`layer`] around each service.
+
+pub mod layer;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nt_common::auth;
 use nt_proto::tonic::{self, Request, Response, Status};
 use nt_proto::v1 as pb;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -14,34 +16,22 @@ use tokio_stream::{Stream, StreamExt};
 
 use crate::coordinator::{Coordinator, RunApi, WorkerApi};
 
-/// Times a handler into `nt_rpc_duration_seconds`.
-struct Timer<'a> {
-    coordinator: &'a Coordinator,
-    method: &'static str,
-    start: Instant,
-}
+/// `nt.v1.RunService`'s methods, as its proto names them: the `method`
+/// labels of `nt_rpc_duration_seconds`.
+pub const RUN_METHODS: &[&str] = &["SubmitRun", "GetRun", "ListRuns", "WatchRun", "CancelRun"];
 
-impl Drop for Timer<'_> {
-    fn drop(&mut self) {
-        self.coordinator
-            .metrics()
-            .rpc_duration
-            .with_label_values(&[self.method])
-            .observe(self.start.elapsed().as_secs_f64());
-    }
-}
-
-fn timer<'a>(coordinator: &'a Coordinator, method: &'static str) -> Timer<'a> {
-    Timer {
-        coordinator,
-        method,
-        start: Instant::now(),
-    }
-}
+/// `nt.v1.WorkerService`'s methods, as its proto names them.
+pub const WORKER_METHODS: &[&str] = &[
+    "RegisterWorker",
+    "LeaseTask",
+    "Heartbeat",
+    "ReportProgress",
+    "CompleteTask",
+    "FailTask",
+];
 
 pub struct RunService {
     pub coordinator: Arc<Coordinator>,
-    pub client_token: Option<String>,
     /// Ends live watches on shutdown, so open streams do not hold it up.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -64,8 +54,6 @@ impl pb::run_service_server::RunService for RunService {
         &self,
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
-        let _t = timer(&self.coordinator, "SubmitRun");
-        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
         let r = req.into_inner();
         let spec = r
             .spec
@@ -78,8 +66,6 @@ impl pb::run_service_server::RunService for RunService {
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
-        let _t = timer(&self.coordinator, "GetRun");
-        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
         Ok(Response::new(
             self.coordinator.get(&req.into_inner().run_id).await?,
         ))
@@ -89,8 +75,6 @@ impl pb::run_service_server::RunService for RunService {
         &self,
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
-        let _t = timer(&self.coordinator, "ListRuns");
-        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
         let r = req.into_inner();
         let state = pb::RunState::try_from(r.state)
             .map_err(|_| Status::invalid_argument("state: unknown value"))?;
@@ -110,56 +94,13 @@ impl pb::run_service_server::RunService for RunService {
         &self,
         req: Request<pb::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
         let r = req.into_inner();
         let (past, live) = self.coordinator.watch(&r.run_id, r.after_sequence).await?;
         let last = past.last().map_or(r.after_sequence, |e| e.sequence);
         let ended = past.iter().any(is_final_event);
         let past_stream = tokio_stream::iter(past.into_iter().map(Ok));
         let live_stream: EventStream = match (live, ended) {
-            (Some(rx), false) => {
-                let run_id = r.run_id.clone();
-                let shutdown = self.shutdown.clone();
-                // Ends right after the final state (not at the next event, which never comes).
-                Box::pin(futures_util::stream::unfold(
-                    (BroadcastStream::new(rx), last, false),
-                    move |(mut rx, mut last, done)| {
-                        let run_id = run_id.clone();
-                        let shutdown = shutdown.clone();
-                        async move {
-                            if done {
-                                return None;
-                            }
-                            loop {
-                                let next = tokio::select! {
-                                    next = rx.next() => next,
-                                    _ = shutdown.cancelled() => {
-                                        let status = Status::unavailable(format!(
-                                            "the coordinator is shutting down; watch run `{run_id}` again from sequence {last}"
-                                        ));
-                                        return Some((Err(status), (rx, last, true)));
-                                    }
-                                };
-                                match next {
-                                    None => return None,
-                                    Some(Ok(ev)) if ev.sequence <= last => continue,
-                                    Some(Ok(ev)) => {
-                                        last = ev.sequence;
-                                        let end = is_final_event(&ev);
-                                        return Some((Ok(ev), (rx, last, end)));
-                                    }
-                                    Some(Err(BroadcastStreamRecvError::Lagged(n))) => {
-                                        let status = Status::data_loss(format!(
-                                            "watcher of run `{run_id}` fell {n} events behind; watch again from sequence {last}"
-                                        ));
-                                        return Some((Err(status), (rx, last, true)));
-                                    }
-                                }
-                            }
-                        }
-                    },
-                ))
-            }
+            (Some(rx), false) => live_events(rx, r.run_id, last, self.shutdown.clone()),
             _ => Box::pin(tokio_stream::empty()),
         };
         Ok(Response::new(Box::pin(past_stream.chain(live_stream))))
@@ -169,8 +110,6 @@ impl pb::run_service_server::RunService for RunService {
         &self,
         req: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let _t = timer(&self.coordinator, "CancelRun");
-        auth::check(req.metadata(), self.client_token.as_deref(), "client")?;
         let r = req.into_inner();
         Ok(Response::new(
             self.coordinator.cancel(&r.run_id, &r.reason).await?,
@@ -180,7 +119,6 @@ impl pb::run_service_server::RunService for RunService {
 
 pub struct WorkerService {
     pub coordinator: Arc<Coordinator>,
-    pub worker_token: Option<String>,
 }
 
 #[tonic::async_trait]
@@ -189,8 +127,6 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         req: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        let _t = timer(&self.coordinator, "RegisterWorker");
-        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
         let r = req.into_inner();
         Ok(Response::new(
             self.coordinator
@@ -203,7 +139,6 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         req: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
-        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
         let r = req.into_inner();
         let task = self
             .coordinator
@@ -216,8 +151,6 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let _t = timer(&self.coordinator, "Heartbeat");
-        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
         let r = req.into_inner();
         let tasks = self.coordinator.heartbeat(&r.worker_id, &r.tasks).await?;
         Ok(Response::new(pb::HeartbeatResponse { tasks }))
@@ -227,8 +160,6 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         req: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
-        let _t = timer(&self.coordinator, "ReportProgress");
-        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
         let r = req.into_inner();
         let worker = r.worker_id.clone();
         let directive = self.coordinator.progress(&worker, r).await?;
@@ -241,8 +172,6 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         req: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
-        let _t = timer(&self.coordinator, "CompleteTask");
-        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
         let r = req.into_inner();
         self.coordinator
             .complete(
@@ -259,12 +188,59 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         &self,
         req: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
-        let _t = timer(&self.coordinator, "FailTask");
-        auth::check(req.metadata(), self.worker_token.as_deref(), "worker")?;
         let r = req.into_inner();
         self.coordinator
             .fail(&r.worker_id, &r.task_id, r.attempt, &r.error, r.retryable)
             .await?;
         Ok(Response::new(pb::FailTaskResponse {}))
     }
+}
+
+/// The live events after sequence `last`, ending right after the final state
+/// (not at the next event, which never comes), or with `UNAVAILABLE` when
+/// the coordinator shuts down.
+fn live_events(
+    rx: tokio::sync::broadcast::Receiver<pb::RunEvent>,
+    run_id: String,
+    last: u64,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> EventStream {
+    Box::pin(futures_util::stream::unfold(
+        (BroadcastStream::new(rx), last, false),
+        move |(mut rx, mut last, done)| {
+            let run_id = run_id.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let next = tokio::select! {
+                        next = rx.next() => next,
+                        _ = shutdown.cancelled() => {
+                            let status = Status::unavailable(format!(
+                                "the coordinator is shutting down; watch run `{run_id}` again from sequence {last}"
+                            ));
+                            return Some((Err(status), (rx, last, true)));
+                        }
+                    };
+                    match next {
+                        None => return None,
+                        Some(Ok(ev)) if ev.sequence <= last => continue,
+                        Some(Ok(ev)) => {
+                            last = ev.sequence;
+                            let end = is_final_event(&ev);
+                            return Some((Ok(ev), (rx, last, end)));
+                        }
+                        Some(Err(BroadcastStreamRecvError::Lagged(n))) => {
+                            let status = Status::data_loss(format!(
+                                    "watcher of run `{run_id}` fell {n} events behind; watch again from sequence {last}"
+                                ));
+                            return Some((Err(status), (rx, last, true)));
+                        }
+                    }
+                }
+            }
+        },
+    ))
 }

@@ -41,18 +41,30 @@ pub async fn serve(
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let token = |t: &str| (!t.is_empty()).then(|| t.to_string());
-    let run_service = pb::run_service_server::RunServiceServer::new(grpc::RunService {
-        coordinator: coordinator.clone(),
-        client_token: token(&args.client_token),
-        shutdown: shutdown.clone(),
-    })
-    .max_decoding_message_size(args.max_message_bytes);
-    let worker_service = pb::worker_service_server::WorkerServiceServer::new(grpc::WorkerService {
-        coordinator: coordinator.clone(),
-        worker_token: token(&args.worker_token),
-    })
-    .max_decoding_message_size(args.max_message_bytes);
+    // Each nt service sits behind one layer: timing, then the bearer token,
+    // then tonic's decoding (OUT_OF_RANGE over --max-message-bytes).
+    let rpc_duration = coordinator.metrics().rpc_duration.clone();
+    let run_service = grpc::layer::guard(
+        pb::run_service_server::RunServiceServer::new(grpc::RunService {
+            coordinator: coordinator.clone(),
+            shutdown: shutdown.clone(),
+        })
+        .max_decoding_message_size(args.max_message_bytes),
+        &args.client_token,
+        "client",
+        grpc::RUN_METHODS,
+        rpc_duration.clone(),
+    );
+    let worker_service = grpc::layer::guard(
+        pb::worker_service_server::WorkerServiceServer::new(grpc::WorkerService {
+            coordinator: coordinator.clone(),
+        })
+        .max_decoding_message_size(args.max_message_bytes),
+        &args.worker_token,
+        "worker",
+        grpc::WORKER_METHODS,
+        rpc_duration,
+    );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::run_service_server::RunServiceServer<grpc::RunService>>()
