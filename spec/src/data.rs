@@ -196,6 +196,27 @@ impl Default for SyntheticSpec {
 }
 
 impl SyntheticSpec {
+    /// Sizes of at least 1 and a finite, non-negative noise.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::new("data.synthetic", m));
+        if self.train == 0 || self.test == 0 || self.classes == 0 {
+            return bad("train, test and classes must be at least 1".into());
+        }
+        if self.shape.contains(&0) {
+            return bad(format!(
+                "shape must have no zero dimension, got {:?}",
+                self.shape
+            ));
+        }
+        if !(self.noise >= 0.0 && self.noise.is_finite()) {
+            return bad(format!(
+                "noise must be finite and at least 0, got {}",
+                self.noise
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses `key=value,...` (keys: train, test, classes, shape, seed, noise).
     pub fn parse(text: &str) -> Result<Self, SpecError> {
         let mut spec = SyntheticSpec::default();

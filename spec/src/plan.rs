@@ -76,6 +76,9 @@ fn plan(
     let arch = wire::architecture_from_wire(spec.architecture.as_ref())?;
     let data = wire::data_from_wire(&spec.data.clone().unwrap_or_default());
     data.files()?;
+    if let Some(s) = &data.synthetic {
+        s.validate()?;
+    }
     if !(0.0..1.0).contains(&data.validation) {
         return Err(err(
             "data.validation",
@@ -314,6 +317,24 @@ device: any
         assert_eq!(e.field, "members.training");
         let e = bad("architecture: mlp\ndata: {dataset: imagenet}\nmembers: {count: 2}\n");
         assert_eq!(e.field, "data.dataset");
+        // Numbers that are not finite never reach a run document.
+        let e = bad("architecture: mlp\nmembers: {count: 2, training: \
+                     {schedule: {kind: step, every: 1, gamma: .nan}}}\n");
+        assert_eq!(e.field, "members.training");
+        assert!(e.message.contains("schedule.gamma"), "{e}");
+        let e = bad("architecture: mlp\nmembers: {count: 2}\n\
+                     fine_tuning: {training: {schedule: {kind: cosine, min_lr: .inf}}}\n");
+        assert_eq!(e.field, "fine_tuning");
+        let e = bad(
+            "architecture: mlp\ndata: {dataset: synthetic, synthetic: {noise: .nan}}\n\
+                     members: {count: 2}\n",
+        );
+        assert_eq!(e.field, "data.synthetic");
+        let e = bad("architecture: mlp\nmembers: {count: 2, training: {lr: -1}}\n");
+        assert_eq!(
+            e.to_string(),
+            "members.training: lr must be positive, got -1"
+        );
         let e =
             RunSpecFile::from_yaml("architecture: mlp\nmembers: {count: 2}\nfusion: [concat]\n")
                 .unwrap()

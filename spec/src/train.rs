@@ -100,8 +100,13 @@ impl TrainConfig {
         if self.nesterov && self.momentum == 0.0 {
             return bad("nesterov needs a non-zero momentum".into());
         }
+        self.schedule
+            .validate()
+            .map_err(|m| SpecError::new("training", m))?;
         if let Some(d) = self.distill {
-            if d.temperature.is_nan() || d.temperature <= 0.0 || !(0.0..=1.0).contains(&d.weight) {
+            let usable =
+                d.temperature > 0.0 && d.temperature.is_finite() && (0.0..=1.0).contains(&d.weight);
+            if !usable {
                 return bad(format!(
                     "distillation needs temperature > 0 and weight in [0, 1], got {} and {}",
                     d.temperature, d.weight
@@ -132,6 +137,34 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    /// Refuses settings that would make the rate non-finite, negative or
+    /// undefined: every number must be finite.
+    pub fn validate(&self) -> Result<(), String> {
+        let gamma_ok = |g: f64| g > 0.0 && g.is_finite();
+        match self {
+            Schedule::Constant => Ok(()),
+            Schedule::Step { every, gamma } => {
+                if *every == 0 {
+                    Err("schedule.every must be at least 1".into())
+                } else if !gamma_ok(*gamma) {
+                    Err(format!(
+                        "schedule.gamma must be positive and finite, got {gamma}"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            Schedule::MultiStep { gamma, .. } if !gamma_ok(*gamma) => Err(format!(
+                "schedule.gamma must be positive and finite, got {gamma}"
+            )),
+            Schedule::MultiStep { .. } => Ok(()),
+            Schedule::Cosine { min_lr } if !(*min_lr >= 0.0 && min_lr.is_finite()) => Err(format!(
+                "schedule.min_lr must be finite and at least 0, got {min_lr}"
+            )),
+            Schedule::Cosine { .. } => Ok(()),
+        }
+    }
+
     /// The rate during epoch `epoch` (0-based) of `epochs`.
     pub fn lr(&self, base: f64, epoch: usize, epochs: usize) -> f64 {
         match self {
@@ -170,5 +203,44 @@ mod tests {
         let cos = Schedule::Cosine { min_lr: 0.0 };
         assert_eq!(cos.lr(1.0, 0, 10), 1.0);
         assert!((cos.lr(1.0, 5, 10) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn schedules_and_settings_with_non_finite_numbers_are_refused() {
+        let bad = [
+            Schedule::Step {
+                every: 1,
+                gamma: f64::NAN,
+            },
+            Schedule::Step {
+                every: 0,
+                gamma: 0.5,
+            },
+            Schedule::MultiStep {
+                milestones: vec![1],
+                gamma: f64::INFINITY,
+            },
+            Schedule::Cosine {
+                min_lr: f64::INFINITY,
+            },
+            Schedule::Cosine { min_lr: -0.1 },
+        ];
+        for schedule in bad {
+            let config = TrainConfig {
+                schedule: schedule.clone(),
+                ..TrainConfig::default()
+            };
+            let e = config.validate().unwrap_err();
+            assert!(e.message.starts_with("schedule."), "{schedule:?}: {e}");
+        }
+        let hot = TrainConfig {
+            distill: Some(Distill {
+                temperature: f64::INFINITY,
+                weight: 0.5,
+            }),
+            ..TrainConfig::default()
+        };
+        assert!(hot.validate().is_err());
+        assert!(TrainConfig::default().validate().is_ok());
     }
 }

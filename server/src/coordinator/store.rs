@@ -46,7 +46,16 @@ impl RunStore {
 
     /// Stores a document unless a newer revision is already stored.
     pub async fn save(&self, doc: &RunDocument) -> Result<()> {
-        let bytes = Bytes::from(doc.to_json().map_err(CoordinatorError::Internal)?);
+        let bytes = doc.to_json().map_err(CoordinatorError::Internal)?;
+        // Never store what could not be read back: a run that cannot be
+        // loaded after a restart is lost to its clients.
+        super::upgrade::read(&bytes).map_err(|e| {
+            CoordinatorError::Internal(format!(
+                "run {} would be stored unreadable ({e}); not writing it",
+                doc.run_id
+            ))
+        })?;
+        let bytes = Bytes::from(bytes);
         let writer = self.writer(&doc.run_id);
         let mut w = writer.lock().await;
         if doc.revision <= w.revision && w.version.is_some() {

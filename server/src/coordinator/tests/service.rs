@@ -277,3 +277,45 @@ async fn a_restarted_coordinator_carries_on_from_the_stored_documents() {
     assert_eq!(m.run.state, pb::RunState::Training as i32);
     drop(store);
 }
+
+#[tokio::test]
+async fn a_diverged_run_is_stored_readably_and_survives_a_restart() {
+    let (c, _store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let report = pb::ReportProgressRequest {
+        task_id: task.task_id.clone(),
+        attempt: 1,
+        checkpoint: format!("{}/epoch-0001.state.safetensors", task.output_prefix),
+        checkpoint_epoch: 1,
+        progress: Some(pb::TaskProgress {
+            loss: f64::NAN,
+            accuracy: f64::INFINITY,
+            lr: f64::NEG_INFINITY,
+            eval_accuracy: Some(f64::NAN),
+            ..Default::default()
+        }),
+        epoch: Some(pb::CurvePoint {
+            epoch: 1,
+            train_loss: f64::NAN,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    c.progress(&worker, report).await.unwrap();
+    let storage = c.storage().clone();
+    let again = Coordinator::start(
+        storage,
+        CoordinatorConfig::default(),
+        Metrics::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let run = again.get(&run_id).await.unwrap();
+    let progress = run.tasks[0].progress.unwrap();
+    assert!(progress.loss.is_nan() && progress.eval_accuracy.unwrap().is_nan());
+    assert_eq!(
+        (progress.accuracy, progress.lr),
+        (f64::INFINITY, f64::NEG_INFINITY)
+    );
+}
