@@ -122,6 +122,21 @@ impl Runbook {
         (book, fx)
     }
 
+    /// A stored run taken back by a coordinator started at `now`. Progress
+    /// events are numbered without being stored, so the stored counter may
+    /// be behind what watchers saw: numbering goes on from `now` in
+    /// microseconds when that is higher, which no earlier event reached
+    /// (unless a run emitted more than a thousand events per millisecond).
+    /// Sequence numbers thus stay unique and increasing across restarts, and
+    /// a watcher that reconnects sees every later event, the final one too.
+    pub fn restore(mut doc: RunDocument, plan: Arc<Plan>, now: i64) -> Runbook {
+        if !doc.state.is_final() {
+            let floor = u64::try_from(now).unwrap_or(0).saturating_mul(1000);
+            doc.event_sequence = doc.event_sequence.max(floor);
+        }
+        Runbook { doc, plan }
+    }
+
     /// What a restarted coordinator does to carry on: queue pending tasks,
     /// give running ones a fresh lease for their workers to reclaim, start
     /// an interrupted fusion again.

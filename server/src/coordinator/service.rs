@@ -168,7 +168,7 @@ impl Coordinator {
                 return;
             }
         };
-        let book = Runbook { doc, plan };
+        let book = Runbook::restore(doc, plan, now_ms());
         let effects = book.recover();
         info!(run_id = %run_id, state = book.state().name(), "loaded run");
         let slot = RunSlot::new(book);

@@ -399,10 +399,8 @@ fn a_restarted_coordinator_recovers_a_run_from_its_stored_document() {
 
     let doc = crate::coordinator::upgrade::read(&stored).unwrap();
     assert_eq!(doc, book.doc, "the document round-trips");
-    let restored = Runbook {
-        plan: plan(&doc.spec.0),
-        doc,
-    };
+    let restored = Runbook::restore(doc, plan(&book.doc.spec.0), 5_000);
+    assert_eq!(restored.doc.event_sequence, 5_000_000);
     assert_eq!(
         restored.recover(),
         [

@@ -319,3 +319,49 @@ async fn a_diverged_run_is_stored_readably_and_survives_a_restart() {
         (f64::INFINITY, f64::NEG_INFINITY)
     );
 }
+
+#[tokio::test]
+async fn a_watcher_gets_the_final_event_after_a_restart_with_a_higher_number() {
+    let (c, _store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    // Progress events are numbered but not stored.
+    for step in 0..20 {
+        let report = pb::ReportProgressRequest {
+            task_id: task.task_id.clone(),
+            attempt: 1,
+            progress: Some(pb::TaskProgress {
+                step,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.progress(&worker, report).await.unwrap();
+    }
+    let (seen, _) = c.watch(&run_id, 0).await.unwrap();
+    let last = seen.last().unwrap().sequence;
+    let storage = c.storage().clone();
+    let again = Coordinator::start(
+        storage,
+        CoordinatorConfig::default(),
+        Metrics::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    // The watcher reconnects after what it saw and follows the run to its end.
+    let (past, live) = again.watch(&run_id, last).await.unwrap();
+    assert_eq!(past.len(), 1, "where the run is now");
+    assert!(past[0].sequence > last);
+    let mut live = live.expect("the run is not finished");
+    again.cancel(&run_id, "done watching").await.unwrap();
+    let mut events = Vec::new();
+    while let Ok(ev) = live.try_recv() {
+        events.push(ev);
+    }
+    let end = events.last().unwrap();
+    assert!(end.sequence > past[0].sequence);
+    assert!(matches!(
+        &end.event,
+        Some(pb::run_event::Event::StateChanged(s)) if s.state == pb::RunState::Cancelled as i32
+    ));
+}
