@@ -48,10 +48,22 @@ pub fn attempt_model(prefix: &str) -> String {
     format!("{prefix}/model.safetensors")
 }
 
+/// Request ids up to this many bytes name their record in hex, as they
+/// always have; longer ones (up to the API's 256) by their SHA-256, so every
+/// key stays short enough for any S3 server (SeaweedFS refuses object names
+/// over 255 bytes).
+const HEX_REQUEST_ID_BYTES: usize = 100;
+
 /// The idempotency record of a client request id.
 pub fn request(request_id: &str) -> String {
-    let hex: String = request_id.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("requests/{hex}.json")
+    let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+    if request_id.len() <= HEX_REQUEST_ID_BYTES {
+        format!("requests/{}.json", hex(request_id.as_bytes()))
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(request_id.as_bytes());
+        format!("requests/sha256-{}.json", hex(&digest))
+    }
 }
 
 /// A new run id: time-ordered (lexicographic order is creation order) and unique.
@@ -69,6 +81,22 @@ pub fn new_run_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_keys_stay_short_and_distinct_for_every_allowed_id() {
+        assert_eq!(
+            request("ab"),
+            "requests/6162.json",
+            "short ids keep their keys"
+        );
+        let long_a = "a".repeat(256);
+        let mut long_b = long_a.clone();
+        long_b.replace_range(255.., "b");
+        let (ka, kb) = (request(&long_a), request(&long_b));
+        assert_ne!(ka, kb);
+        assert!(ka.len() < 100, "{ka}");
+        assert!(request(&"x".repeat(100)).len() <= 215);
+    }
 
     #[test]
     fn run_ids_sort_by_creation_and_request_keys_are_safe() {

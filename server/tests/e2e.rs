@@ -292,6 +292,12 @@ async fn the_same_request_id_submitted_twice_gives_one_run() {
         .into_inner();
     assert_eq!(next.runs.len(), 1);
     assert!(next.next_page_token.is_empty());
+    // The longest request id the API allows works on S3 too, and stays one run.
+    let longest = "r".repeat(256);
+    let first = submit(&c, small_spec(1, 1000), &longest).await;
+    let again = submit(&c, small_spec(1, 1000), &longest).await;
+    assert!(first.created && !again.created);
+    assert_eq!(first.run.unwrap().run_id, again.run.unwrap().run_id);
 }
 
 fn member_bytes(arch: &str, seed: u64) -> Vec<u8> {
