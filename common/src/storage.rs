@@ -63,6 +63,9 @@ pub struct Storage {
     pub url: String,
     /// The S3 bucket, when the store is S3 (for `s3://bucket/key` references).
     pub bucket: Option<String>,
+    /// The key prefix within the bucket every key of this store lies under
+    /// (`s3://bucket/prefix`), without slashes at either end; empty for none.
+    pub prefix: String,
     /// Whether conditional updates (compare-and-swap on ETag) are available.
     pub conditional_updates: bool,
 }
@@ -124,6 +127,7 @@ impl Storage {
                 store,
                 url: url.to_string(),
                 bucket: Some(bucket.to_string()),
+                prefix: prefix.trim_matches('/').to_string(),
                 conditional_updates: true,
             });
         }
@@ -132,6 +136,7 @@ impl Storage {
                 store: Arc::new(InMemory::new()),
                 url: "memory://".into(),
                 bucket: None,
+                prefix: String::new(),
                 conditional_updates: true,
             });
         }
@@ -148,6 +153,7 @@ impl Storage {
             store: Arc::new(fs),
             url: format!("file://{}", dir.display()),
             bucket: None,
+            prefix: String::new(),
             // The local filesystem cannot compare-and-swap: one coordinator
             // owns a local store.
             conditional_updates: false,
@@ -267,15 +273,32 @@ impl Storage {
         }
     }
 
-    /// Turns a reference from a spec into a key of this store: a plain key,
-    /// `store:<key>`, or `s3://<bucket>/<key>` of this store's bucket.
+    /// Turns a reference from a spec into a key of this store: a plain key
+    /// or `store:<key>` (relative to the store's prefix), or
+    /// `s3://<bucket>/<prefix>/<key>`: a full URI of an object under this
+    /// store's bucket and prefix. A URI outside them is refused, never
+    /// silently read from somewhere else.
     pub fn key_of(&self, reference: &str) -> Result<String, String> {
         let key = if let Some(k) = reference.strip_prefix("store:") {
             k
         } else if let Some(rest) = reference.strip_prefix("s3://") {
             let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
             match &self.bucket {
-                Some(b) if b == bucket => key,
+                Some(b) if b == bucket && self.prefix.is_empty() => key,
+                Some(b) if b == bucket => {
+                    match key
+                        .trim_start_matches('/')
+                        .strip_prefix(&format!("{}/", self.prefix))
+                    {
+                        Some(k) => k,
+                        None => {
+                            return Err(format!(
+                                "`{reference}` is outside the service's prefix `s3://{b}/{}/`",
+                                self.prefix
+                            ))
+                        }
+                    }
+                }
                 Some(b) => {
                     return Err(format!(
                         "`{reference}` is in bucket `{bucket}`, the service's bucket is `{b}`"
@@ -310,6 +333,35 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn s3(url: &str) -> Storage {
+        let args = StorageArgs {
+            url: url.into(),
+            s3_endpoint: Some("http://127.0.0.1:1".into()),
+            s3_allow_http: true,
+            ..StorageArgs::local(std::path::Path::new("."))
+        };
+        Storage::open(&args).unwrap()
+    }
+
+    #[test]
+    fn s3_references_resolve_inside_the_stores_prefix_only() {
+        let s = s3("s3://test/pfx");
+        // Keys are relative to the prefix; a full URI names the object itself.
+        assert_eq!(
+            s.key_of("uploads/m0.safetensors").unwrap(),
+            "uploads/m0.safetensors"
+        );
+        assert_eq!(
+            s.key_of("s3://test/pfx/uploads/m0.safetensors").unwrap(),
+            "uploads/m0.safetensors"
+        );
+        let e = s.key_of("s3://test/uploads/x.safetensors").unwrap_err();
+        assert!(e.contains("outside the service's prefix"), "{e}");
+        assert!(s.key_of("s3://other/pfx/x").unwrap_err().contains("bucket"));
+        let plain = s3("s3://test");
+        assert_eq!(plain.key_of("s3://test/a/b").unwrap(), "a/b");
+    }
 
     #[tokio::test]
     async fn local_store_creates_once_and_reads_back() {

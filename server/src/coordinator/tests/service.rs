@@ -24,6 +24,7 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
         store: store.clone(),
         url: "memory://".into(),
         bucket: None,
+        prefix: String::new(),
         conditional_updates: true,
     };
     let config = CoordinatorConfig {
