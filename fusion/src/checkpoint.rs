@@ -243,7 +243,42 @@ pub fn validate_header(
             "its tensors take {end} bytes but {data_len} follow the header (truncated or padded)"
         )));
     }
-    check_entries(entries, arch, source_name)
+    check_entries(entries, arch, source_name)?;
+    if let Some(text) = meta.metadata().as_ref().and_then(|m| m.get(META_ARCH)) {
+        let recorded = ArchSpec::from_json(text).map_err(|e| {
+            FusionError::checkpoint(source_name, format!("its `{META_ARCH}` metadata: {e}"))
+        })?;
+        check_recorded_arch(&recorded, arch, source_name)?;
+    }
+    Ok(())
+}
+
+/// Whether an architecture recorded in a checkpoint describes the same
+/// network as `arch` (its name aside).
+pub fn same_network(recorded: &ArchSpec, arch: &Architecture) -> bool {
+    recorded.input == arch.spec().input
+        && recorded.nodes == arch.spec().nodes
+        && recorded.output == arch.spec().output
+}
+
+/// Refuses a checkpoint whose recorded architecture is another network than
+/// the one it is read as, even when the tensors happen to fit.
+pub fn check_recorded_arch(
+    recorded: &ArchSpec,
+    arch: &Architecture,
+    source_name: &str,
+) -> Result<()> {
+    if same_network(recorded, arch) {
+        return Ok(());
+    }
+    Err(FusionError::checkpoint(
+        source_name,
+        format!(
+            "records architecture `{}`, which differs from `{}` it is read as",
+            recorded.name,
+            arch.name()
+        ),
+    ))
 }
 
 /// Checks names, shapes and dtypes against an architecture; the error names

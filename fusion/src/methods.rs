@@ -110,10 +110,7 @@ fn check_members(arch: &Architecture, members: &[&StateDict]) -> Result<()> {
         checkpoint::validate(m, arch, &format!("member {i}"))?;
         if let Some(recorded) = m.arch() {
             let recorded = recorded?;
-            let same = recorded.input == arch.spec().input
-                && recorded.nodes == arch.spec().nodes
-                && recorded.output == arch.spec().output;
-            if !same {
+            if !checkpoint::same_network(&recorded, arch) {
                 return Err(FusionError::Members(format!(
                     "member {i} records architecture `{}`, which differs from `{}` it is fused as",
                     recorded.name,

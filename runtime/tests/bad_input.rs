@@ -208,6 +208,23 @@ fn a_checkpoint_header_alone_shows_truncation_and_mismatches() {
         err.contains("m.safetensors: not a valid safetensors file") && err.contains("shape"),
         "{err}"
     );
+    // Tensors that fit, recorded as another network: refused from the header.
+    let lenet = arch("lenet");
+    let mut other = member(&lenet, 3);
+    let mut spec = lenet.spec().clone();
+    spec.name = "lenet-avgpool".into();
+    spec.nodes[2].op = fusion::arch::Op::AvgPool2d {
+        kernel: 2,
+        stride: None,
+        padding: 0,
+    };
+    other.set_arch(&spec);
+    let recorded = checkpoint::to_bytes(&other).unwrap();
+    let err = check_header(&recorded, &lenet).unwrap_err().to_string();
+    assert!(
+        err.contains("m.safetensors") && err.contains("records architecture `lenet-avgpool`"),
+        "{err}"
+    );
     // Not a safetensors file at all; a header length beyond the file; a zero one.
     for junk in [
         &b"hello"[..],
