@@ -45,3 +45,10 @@ pub const SYNTHETIC_TEST: usize = 512;
 pub const SYNTHETIC_CLASSES: usize = 10;
 pub const SYNTHETIC_SHAPE: [usize; 3] = [1, 28, 28];
 pub const SYNTHETIC_NOISE: f64 = 0.6;
+
+/// Limits on what a run may carry, so one client cannot make every listing
+/// huge: the name, and the labels (count, key and value sizes in bytes).
+pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_LABELS: usize = 32;
+pub const MAX_LABEL_KEY_BYTES: usize = 63;
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;

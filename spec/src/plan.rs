@@ -58,6 +58,58 @@ fn dataset_shape(data: &DataSpec) -> Option<([usize; 3], Option<usize>)> {
     }
 }
 
+/// The name and labels stay small: they are copied into every listing.
+fn check_name_and_labels(spec: &pb::RunSpec) -> Result<(), SpecError> {
+    if spec.name.len() > defaults::MAX_NAME_BYTES {
+        return Err(err(
+            "name",
+            format!(
+                "{} bytes, at most {}",
+                spec.name.len(),
+                defaults::MAX_NAME_BYTES
+            ),
+        ));
+    }
+    if spec.labels.len() > defaults::MAX_LABELS {
+        return Err(err(
+            "labels",
+            format!(
+                "{} labels, at most {}",
+                spec.labels.len(),
+                defaults::MAX_LABELS
+            ),
+        ));
+    }
+    for (key, value) in &spec.labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= defaults::MAX_LABEL_KEY_BYTES
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+        if !key_ok {
+            let shown: String = key.chars().take(40).collect();
+            return Err(err(
+                "labels",
+                format!(
+                    "key `{shown}` must be 1 to {} bytes of letters, digits, `.`, `_`, `-` or `/`",
+                    defaults::MAX_LABEL_KEY_BYTES
+                ),
+            ));
+        }
+        if value.len() > defaults::MAX_LABEL_VALUE_BYTES {
+            return Err(err(
+                format!("labels.{key}"),
+                format!(
+                    "{} bytes, at most {}",
+                    value.len(),
+                    defaults::MAX_LABEL_VALUE_BYTES
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Plan {
     /// Validates a wire spec into a plan. `key_of` turns checkpoint references
     /// into object keys of the service's store (or says why it cannot).
@@ -73,6 +125,7 @@ fn plan(
     spec: &pb::RunSpec,
     key_of: &dyn Fn(&str) -> Result<String, String>,
 ) -> Result<Plan, SpecError> {
+    check_name_and_labels(spec)?;
     let arch = wire::architecture_from_wire(spec.architecture.as_ref())?;
     let data = wire::data_from_wire(&spec.data.clone().unwrap_or_default());
     data.files()?;
@@ -335,6 +388,18 @@ device: any
             e.to_string(),
             "members.training: lr must be positive, got -1"
         );
+        // Names and labels are bounded in bytes.
+        let huge = "x".repeat(300);
+        let e = bad(&format!(
+            "architecture: mlp\nmembers: {{count: 2}}\nname: {huge}\n"
+        ));
+        assert_eq!(e.field, "name");
+        let e = bad(&format!(
+            "architecture: mlp\nmembers: {{count: 2}}\nlabels: {{team: {huge}}}\n"
+        ));
+        assert_eq!(e.field, "labels.team");
+        let e = bad("architecture: mlp\nmembers: {count: 2}\nlabels: {\"a b\": c}\n");
+        assert_eq!(e.field, "labels");
         let e =
             RunSpecFile::from_yaml("architecture: mlp\nmembers: {count: 2}\nfusion: [concat]\n")
                 .unwrap()

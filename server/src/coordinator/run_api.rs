@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use nt_common::{layout, now_ms};
+use nt_proto::prost::Message;
 use nt_proto::v1 as pb;
 use nt_spec::{MemberPlan, Plan};
 use tokio::sync::broadcast;
@@ -13,6 +14,9 @@ use super::runbook::Runbook;
 use super::service::Coordinator;
 use super::service::{lock, Step};
 use crate::error::{CoordinatorError, Result};
+
+/// The most bytes of runs one ListRuns page carries (clients decode up to 64 MiB).
+const MAX_PAGE_BYTES: usize = 4 << 20;
 
 fn invalid(msg: impl Into<String>) -> CoordinatorError {
     CoordinatorError::InvalidArgument(msg.into())
@@ -127,17 +131,22 @@ impl RunApi for Coordinator {
             .map(|(id, slot)| (id.clone(), slot.clone()))
             .collect();
         let mut runs = Vec::new();
+        let mut bytes = 0;
         let mut last = String::new();
         for (id, slot) in slots {
             let book = lock(&slot.book);
             if state != pb::RunState::Unspecified && pb::RunState::from(book.state()) != state {
                 continue;
             }
-            if runs.len() == size {
+            let run = super::wire::run(&book.doc, &book.plan);
+            let len = run.encoded_len();
+            // A page ends at its size in runs or in bytes, whichever comes first.
+            if runs.len() == size || (!runs.is_empty() && bytes + len > MAX_PAGE_BYTES) {
                 return Ok((runs, last));
             }
+            bytes += len;
             last = id;
-            runs.push(super::wire::run(&book.doc, &book.plan));
+            runs.push(run);
         }
         Ok((runs, String::new()))
     }

@@ -366,3 +366,39 @@ async fn a_watcher_gets_the_final_event_after_a_restart_with_a_higher_number() {
         Some(pb::run_event::Event::StateChanged(s)) if s.state == pb::RunState::Cancelled as i32
     ));
 }
+
+#[tokio::test]
+async fn list_pages_are_bounded_in_bytes_and_lose_no_run() {
+    let (c, _store) = coordinator().await;
+    // An architecture spec padded to 3 MB: valid JSON, a large run.
+    let mut spec = spec("members: {count: 2}\n");
+    let json = small_arch_json();
+    let padded = format!("{json}{}", " ".repeat(3_000_000));
+    spec.architecture = Some(pb::Architecture {
+        kind: Some(pb::architecture::Kind::SpecJson(padded)),
+    });
+    for _ in 0..3 {
+        c.submit(spec.clone(), String::new()).await.unwrap();
+    }
+    let mut seen = 0;
+    let mut token = String::new();
+    loop {
+        let (runs, next) = c.list(50, &token, pb::RunState::Unspecified).await.unwrap();
+        assert_eq!(runs.len(), 1, "one 3 MB run per 4 MiB page");
+        seen += runs.len();
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!(seen, 3);
+}
+
+/// The small test architecture as an nt.arch/v1 document.
+fn small_arch_json() -> String {
+    let spec = fusion::arch::preset("mlp:hidden=8,depth=1").unwrap();
+    fusion::arch::Architecture::new(spec)
+        .unwrap()
+        .spec()
+        .to_json()
+}
