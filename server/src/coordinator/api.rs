@@ -21,6 +21,9 @@ pub struct CoordinatorConfig {
     pub max_lease_wait: Duration,
     /// How often expired leases are looked for.
     pub sweep_interval: Duration,
+    /// How long a task whose lease could not be stored waits before it is
+    /// offered again (doubling with each failure, up to 30 s).
+    pub lease_retry_backoff: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -30,6 +33,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(5),
             max_lease_wait: Duration::from_secs(20),
             sweep_interval: Duration::from_millis(500),
+            lease_retry_backoff: Duration::from_secs(1),
         }
     }
 }

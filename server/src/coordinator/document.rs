@@ -242,6 +242,9 @@ pub struct RunDocument {
     pub format: u32,
     /// Increases with every stored change.
     pub revision: u64,
+    /// The coordinator process that stored this revision (set by the store).
+    #[serde(default)]
+    pub writer: String,
     pub run_id: String,
     #[serde(default)]
     pub request_id: String,

@@ -21,6 +21,7 @@ pub mod runbook;
 pub mod scheduler;
 mod service;
 pub mod store;
+mod task_plans;
 mod upgrade;
 pub mod wire;
 mod worker_api;

@@ -18,8 +18,7 @@ use std::sync::Arc;
 
 use nt_common::layout;
 use nt_proto::v1 as pb;
-use nt_spec::task::Job;
-use nt_spec::{Device, EvalItem, MemberPlan, Plan, TaskPlan, TaskWork};
+use nt_spec::{Device, MemberPlan, Plan, TaskPlan, TaskWork};
 
 use super::document::{
     task_id, CurvePoint, FusedRecord, Outcome, Progress, RunDocument, RunState, StoredSpec,
@@ -91,6 +90,7 @@ impl Runbook {
             doc: RunDocument {
                 format: FORMAT,
                 revision: 0,
+                writer: String::new(),
                 run_id: run_id.to_string(),
                 request_id: request_id.to_string(),
                 spec: StoredSpec(spec),
@@ -177,7 +177,7 @@ impl Runbook {
         self.plan.device == Device::Gpu
     }
 
-    fn task_id(&self, t: &TaskRecord) -> String {
+    pub(super) fn task_id(&self, t: &TaskRecord) -> String {
         task_id(&self.doc.run_id, &t.work.local_name())
     }
 
@@ -244,68 +244,6 @@ impl Runbook {
             attempt: plan.attempt,
         });
         Some((plan, fx))
-    }
-
-    /// The resolved task of attempt `doc.tasks[i].attempt`.
-    pub fn task_plan(&self, i: usize) -> TaskPlan {
-        let t = &self.doc.tasks[i];
-        let run = &self.doc.run_id;
-        let plan = &self.plan;
-        let job = match &t.work {
-            TaskWork::Train { member } => Job::Train {
-                config: match &plan.members {
-                    MemberPlan::Train(configs) => configs[*member].clone(),
-                    // Existing members are never trained; the plan's
-                    // fine-tuning settings keep the message well-formed.
-                    MemberPlan::Existing(_) => plan.fine_tune.clone(),
-                },
-            },
-            TaskWork::FineTune { method } => Job::FineTune {
-                config: plan.fine_tune.clone(),
-                init: layout::fused(run, method.as_str()),
-                teachers: if plan.fine_tune.distill.is_some() {
-                    self.doc.member_keys.clone()
-                } else {
-                    Vec::new()
-                },
-            },
-            TaskWork::Evaluate => Job::Evaluate {
-                items: self.evaluation_items(),
-            },
-        };
-        TaskPlan {
-            task_id: self.task_id(t),
-            run_id: run.clone(),
-            attempt: t.attempt,
-            label: t.work.label(),
-            arch: plan.arch.clone(),
-            data: plan.data.clone(),
-            job,
-            device: plan.device,
-            eval_batch: plan.eval_batch,
-            output_prefix: self.attempt_prefix(i, t.attempt),
-            resume_state: t.resume.clone(),
-        }
-    }
-
-    /// The members, their ensemble, and every fused model before and after
-    /// fine-tuning.
-    fn evaluation_items(&self) -> Vec<EvalItem> {
-        let item = |name: String, checkpoints: Vec<String>| EvalItem { name, checkpoints };
-        let keys = &self.doc.member_keys;
-        let mut items: Vec<EvalItem> = keys
-            .iter()
-            .enumerate()
-            .map(|(m, k)| item(format!("member {m}"), vec![k.clone()]))
-            .collect();
-        items.push(item("ensemble".into(), keys.clone()));
-        for f in &self.doc.fused {
-            let name = f.method.to_string();
-            let tuned = layout::fine_tuned(&self.doc.run_id, &name);
-            items.push(item(name.clone(), vec![f.key.clone()]));
-            items.push(item(format!("{name} after fine-tuning"), vec![tuned]));
-        }
-        items
     }
 
     /// A progress report of a running attempt. `Ok(true)` when it changed

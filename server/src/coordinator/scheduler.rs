@@ -5,7 +5,10 @@
 //! Contract: a task is in the queue, or reserved (picked, its lease being
 //! stored), or leased, never two of these. [`Scheduler::pick`] reserves the
 //! oldest task a worker can run; the driver then either leases it (the lease
-//! was stored) or puts it back at the head of the queue (it was not).
+//! was stored) or puts it back at the head of the queue (it was not). A task
+//! put back waits a backoff (doubling with each failure, up to
+//! [`MAX_BACKOFF`]) during which `pick` passes it over, so one run whose
+//! writes fail never keeps workers from the other runs' tasks.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -18,6 +21,17 @@ pub struct Queued {
     pub task: String,
     /// Only workers with a GPU may take it.
     pub gpu_only: bool,
+}
+
+/// The longest a task whose lease could not be stored waits before it is
+/// offered again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A task whose lease could not be stored.
+#[derive(Clone, Debug)]
+struct Deferral {
+    until: Instant,
+    failures: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -33,10 +47,13 @@ struct Worker {
 
 pub struct Scheduler {
     lease_ttl: Duration,
+    /// The first wait of a task whose lease could not be stored.
+    backoff: Duration,
     /// A worker not heard from for this long is forgotten.
     worker_silence: Duration,
     queue: VecDeque<Queued>,
     leases: HashMap<String, Lease>,
+    deferred: HashMap<String, Deferral>,
     workers: HashMap<String, Worker>,
 }
 
@@ -45,12 +62,14 @@ pub struct Scheduler {
 pub struct UnknownWorker;
 
 impl Scheduler {
-    pub fn new(lease_ttl: Duration, worker_silence: Duration) -> Self {
+    pub fn new(lease_ttl: Duration, worker_silence: Duration, backoff: Duration) -> Self {
         Scheduler {
             lease_ttl,
+            backoff,
             worker_silence,
             queue: VecDeque::new(),
             leases: HashMap::new(),
+            deferred: HashMap::new(),
             workers: HashMap::new(),
         }
     }
@@ -87,6 +106,7 @@ impl Scheduler {
     pub fn release(&mut self, task: &str) {
         self.queue.retain(|q| q.task != task);
         self.leases.remove(task);
+        self.deferred.remove(task);
     }
 
     /// Reserves the oldest queued task this worker can run.
@@ -94,18 +114,42 @@ impl Scheduler {
         let w = self.workers.get_mut(worker).ok_or(UnknownWorker)?;
         w.last_seen = now;
         let has_gpu = w.capabilities.gpus > 0;
-        let pos = self.queue.iter().position(|q| has_gpu || !q.gpu_only);
+        let deferred = &self.deferred;
+        let pos = self.queue.iter().position(|q| {
+            (has_gpu || !q.gpu_only) && deferred.get(&q.task).is_none_or(|d| d.until <= now)
+        });
         Ok(pos.and_then(|p| self.queue.remove(p)))
     }
 
-    /// Returns a reserved task to the head of the queue (its lease was not stored).
-    pub fn put_back(&mut self, q: Queued) {
+    /// Returns a reserved task to the head of the queue (its lease was not
+    /// stored); it is offered again after its backoff.
+    pub fn put_back(&mut self, q: Queued, now: Instant) {
+        let d = self.deferred.entry(q.task.clone()).or_insert(Deferral {
+            until: now,
+            failures: 0,
+        });
+        d.failures += 1;
+        let wait = self
+            .backoff
+            .saturating_mul(1 << (d.failures - 1).min(16))
+            .min(MAX_BACKOFF);
+        d.until = now + wait;
         self.queue.push_front(q);
+    }
+
+    /// When the next task now waiting out a backoff may be offered again.
+    pub fn next_offer(&self, now: Instant) -> Option<Instant> {
+        self.deferred
+            .values()
+            .map(|d| d.until)
+            .filter(|&t| t > now)
+            .min()
     }
 
     /// Holds `task`'s lease for `attempt` until the TTL runs out.
     pub fn lease(&mut self, task: &str, attempt: u32, now: Instant) {
         self.queue.retain(|q| q.task != task);
+        self.deferred.remove(task);
         self.leases.insert(
             task.to_string(),
             Lease {
@@ -185,7 +229,11 @@ mod tests {
     }
 
     fn scheduler() -> Scheduler {
-        Scheduler::new(Duration::from_secs(4), Duration::from_secs(60))
+        Scheduler::new(
+            Duration::from_secs(4),
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        )
     }
 
     #[test]
@@ -213,8 +261,21 @@ mod tests {
         s.queue(q("r/b", false));
         let picked = s.pick("w", t0).unwrap().unwrap();
         assert_eq!(s.queued(), ["r/b"]);
-        s.put_back(picked);
+        s.put_back(picked, t0);
         assert_eq!(s.queued(), ["r/a", "r/b"]);
+        // It waits out its backoff while other tasks go first.
+        assert_eq!(s.pick("w", t0).unwrap(), Some(q("r/b", false)));
+        assert_eq!(s.pick("w", t0).unwrap(), None);
+        assert_eq!(s.next_offer(t0), Some(t0 + Duration::from_secs(1)));
+        let again = s.pick("w", t0 + Duration::from_secs(1)).unwrap().unwrap();
+        assert_eq!(again, q("r/a", false));
+        // A second failure doubles the wait; a stored lease clears it.
+        let t1 = t0 + Duration::from_secs(1);
+        s.put_back(again, t1);
+        assert_eq!(s.next_offer(t1), Some(t1 + Duration::from_secs(2)));
+        let a = s.pick("w", t1 + Duration::from_secs(2)).unwrap().unwrap();
+        s.lease(&a.task, 1, t1);
+        assert_eq!(s.next_offer(t1), None);
     }
 
     #[test]

@@ -141,7 +141,11 @@ impl Coordinator {
         let coordinator = Arc::new_cyclic(|me| Coordinator {
             me: me.clone(),
             store,
-            scheduler: Mutex::new(Scheduler::new(config.lease_ttl, silence)),
+            scheduler: Mutex::new(Scheduler::new(
+                config.lease_ttl,
+                silence,
+                config.lease_retry_backoff,
+            )),
             config,
             storage,
             runs: Mutex::new(BTreeMap::new()),

@@ -4,7 +4,11 @@
 //!
 //! Contract: `save` returns once the document of that revision is stored;
 //! a document older than one already stored is skipped, never written over
-//! it. `load_all` returns every readable run document under `runs/` and
+//! it. A write whose outcome was unknown (a timeout: it may land later) is
+//! reconciled at the next save: the conditional update then meets a changed
+//! object, which is re-read; when this process wrote it (every document
+//! names its writer), it is overwritten on its new version, and only a
+//! document of another writer is a conflict. `load_all` returns every readable run document under `runs/` and
 //! leaves unreadable ones in place, untouched. Errors are the store's (an
 //! outage is `Unavailable` to callers). The coordinator's one
 //! mutate-then-commit path (`super::service`) is the only caller of `save`.
@@ -28,6 +32,8 @@ struct Written {
 
 pub struct RunStore {
     storage: Storage,
+    /// This process, as named in the documents it writes.
+    id: String,
     writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Written>>>>,
 }
 
@@ -35,6 +41,7 @@ impl RunStore {
     pub fn new(storage: Storage) -> Self {
         RunStore {
             storage,
+            id: format!("coordinator-{}", &layout::new_run_id()[4..]),
             writers: Mutex::new(HashMap::new()),
         }
     }
@@ -46,6 +53,8 @@ impl RunStore {
 
     /// Stores a document unless a newer revision is already stored.
     pub async fn save(&self, doc: &RunDocument) -> Result<()> {
+        let mut doc = doc.clone();
+        doc.writer = self.id.clone();
         let bytes = doc.to_json().map_err(CoordinatorError::Internal)?;
         // Never store what could not be read back: a run that cannot be
         // loaded after a restart is lost to its clients.
@@ -69,19 +78,51 @@ impl RunStore {
                 Err(WriteError::AlreadyExists(_)) => self.storage.put(&key, bytes).await?,
                 Err(e) => return Err(e.into()),
             },
-            Some(v) => match self.storage.update(&key, bytes, v).await {
+            Some(v) => match self.storage.update(&key, bytes.clone(), v).await {
                 Ok(v) => v,
-                Err(WriteError::Conflict(k)) => {
-                    return Err(CoordinatorError::Unavailable(format!(
-                        "{k} was changed by another writer: is a second coordinator using this store?"
-                    )))
-                }
+                Err(WriteError::Conflict(_)) => self.reconcile(&key, bytes).await?,
                 Err(e) => return Err(e.into()),
             },
         };
         w.revision = doc.revision;
         w.version = Some(version);
         Ok(())
+    }
+
+    /// The stored document changed since this process last wrote it: an
+    /// earlier write of ours that was reported failed landed after all, or
+    /// another coordinator wrote. Ours is overwritten on its new version;
+    /// another writer's is a conflict.
+    async fn reconcile(&self, key: &str, bytes: Bytes) -> Result<Version> {
+        #[derive(serde::Deserialize)]
+        struct Writer {
+            #[serde(default)]
+            writer: String,
+        }
+        let Some((stored, version)) = self.storage.get(key).await? else {
+            return Ok(self.storage.put(key, bytes).await?);
+        };
+        let writer = serde_json::from_slice::<Writer>(&stored)
+            .map(|w| w.writer)
+            .unwrap_or_default();
+        if writer != self.id {
+            let who = if writer.is_empty() {
+                "an unknown writer".into()
+            } else {
+                writer
+            };
+            return Err(CoordinatorError::Unavailable(format!(
+                "{key} was changed by {who}: is a second coordinator using this store?"
+            )));
+        }
+        tracing::info!(key, "a write reported failed had landed; writing over it");
+        match self.storage.update(key, bytes, &version).await {
+            Ok(v) => Ok(v),
+            Err(WriteError::Conflict(k)) => Err(CoordinatorError::Unavailable(format!(
+                "{k} was changed by another writer: is a second coordinator using this store?"
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every stored run, with the version each was read at.

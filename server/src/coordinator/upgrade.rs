@@ -137,6 +137,7 @@ fn upgrade(bytes: &[u8]) -> Result<RunDocument, String> {
     Ok(RunDocument {
         format: FORMAT,
         revision: old.revision,
+        writer: String::new(),
         run_id: old.run.run_id,
         request_id: old.run.request_id,
         spec: StoredSpec(spec),

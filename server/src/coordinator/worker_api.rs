@@ -84,8 +84,9 @@ impl WorkerApi for Coordinator {
                     Ok(None) | Err(CoordinatorError::NotFound(_)) => continue,
                     Err(e) => {
                         // Not stored: give the task back rather than risk two
-                        // attempts with one number.
-                        lock(&self.scheduler).put_back(queued);
+                        // attempts with one number. It waits out a backoff,
+                        // so other runs' tasks are not held up behind it.
+                        lock(&self.scheduler).put_back(queued, Instant::now());
                         self.update_gauges();
                         return Err(e);
                     }
@@ -95,9 +96,12 @@ impl WorkerApi for Coordinator {
             if now >= deadline || self.shutdown.is_cancelled() {
                 return Ok(None);
             }
+            // Wake for new work, or when a task waiting out a backoff is due.
+            let offer = lock(&self.scheduler).next_offer(now);
+            let wake = offer.map_or(deadline, |t| t.min(deadline));
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep(deadline - now) => return Ok(None),
+                _ = tokio::time::sleep(wake - now) => {}
                 _ = self.shutdown.cancelled() => return Ok(None),
             }
         }

@@ -17,6 +17,9 @@ pub struct FailingStore {
     inner: InMemory,
     /// While set, every write of a `run.json` fails.
     pub fail_run_documents: AtomicBool,
+    /// While set, every write of a `run.json` is stored but reported failed
+    /// (as when a reply times out after the server wrote).
+    pub lose_run_document_replies: AtomicBool,
 }
 
 impl FailingStore {
@@ -26,6 +29,10 @@ impl FailingStore {
 
     pub fn fail(&self, on: bool) {
         self.fail_run_documents.store(on, Ordering::SeqCst);
+    }
+
+    pub fn lose_replies(&self, on: bool) {
+        self.lose_run_document_replies.store(on, Ordering::SeqCst);
     }
 }
 
@@ -43,14 +50,21 @@ impl ObjectStore for FailingStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        if self.fail_run_documents.load(Ordering::SeqCst) && location.as_ref().ends_with("run.json")
-        {
+        let document = location.as_ref().ends_with("run.json");
+        if document && self.fail_run_documents.load(Ordering::SeqCst) {
             return Err(object_store::Error::Generic {
                 store: "FailingStore",
                 source: "the store is down (injected)".into(),
             });
         }
-        self.inner.put_opts(location, payload, opts).await
+        let result = self.inner.put_opts(location, payload, opts).await;
+        if document && self.lose_run_document_replies.load(Ordering::SeqCst) {
+            return Err(object_store::Error::Generic {
+                store: "FailingStore",
+                source: "the reply timed out (injected; the write landed)".into(),
+            });
+        }
+        result
     }
 
     async fn put_multipart_opts(

@@ -33,6 +33,7 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
         max_lease_wait: Duration::from_millis(20),
         // Sweeps are called by the tests.
         sweep_interval: Duration::from_secs(3600),
+        lease_retry_backoff: Duration::from_millis(50),
     };
     let c = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
         .await
@@ -114,12 +115,62 @@ async fn a_lease_whose_write_fails_changes_nothing_and_the_task_waits_at_the_hea
     assert!(is_outage(&e), "{e}");
     assert_eq!(memory(&c, &run_id).await, before);
     store.fail(false);
-    let task = c
+    // The task waits out a backoff; the queue behind it is not held up.
+    assert_eq!(leased(&c, &worker).await.label, "member 1");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let task = leased(&c, &worker).await;
+    assert_eq!((task.label.as_str(), task.attempt), ("member 0", 1));
+}
+
+#[tokio::test]
+async fn a_write_reported_failed_that_landed_is_reconciled_not_taken_for_another_writer() {
+    let (c, store, run_id, worker) = with_run().await;
+    let before = memory(&c, &run_id).await;
+    // The lease's document is stored, but its reply is lost (a timeout).
+    store.lose_replies(true);
+    let e = c
         .lease(&worker, Duration::from_millis(10))
         .await
-        .unwrap()
+        .unwrap_err();
+    assert!(is_outage(&e), "{e}");
+    store.lose_replies(false);
+    assert_eq!(memory(&c, &run_id).await, before);
+    // The next write meets the changed document, sees it is its own, and
+    // goes on; the run's writes do not fail from then on.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let task = leased(&c, &worker).await;
+    let other = leased(&c, &worker).await;
+    assert_eq!((task.attempt, other.attempt), (1, 1));
+    c.cancel(&run_id, "done").await.unwrap();
+    assert_eq!(
+        c.get(&run_id).await.unwrap().state,
+        pb::RunState::Cancelled as i32
+    );
+}
+
+#[tokio::test]
+async fn a_document_written_by_another_coordinator_is_a_conflict() {
+    let (c, _store, run_id, _worker) = with_run().await;
+    let key = nt_common::layout::run_doc(&run_id);
+    let (bytes, _) = c.storage().get(&key).await.unwrap().unwrap();
+    let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    doc["writer"] = "coordinator-elsewhere".into();
+    doc["revision"] = 99.into();
+    c.storage()
+        .put(&key, Bytes::from(serde_json::to_vec(&doc).unwrap()))
+        .await
         .unwrap();
-    assert_eq!((task.label.as_str(), task.attempt), ("member 0", 1));
+    let e = c.cancel(&run_id, "stop").await.unwrap_err();
+    assert!(
+        e.to_string().contains("coordinator-elsewhere")
+            && e.to_string().contains("second coordinator"),
+        "{e}"
+    );
+    assert_eq!(
+        c.get(&run_id).await.unwrap().state,
+        pb::RunState::Queued as i32,
+        "nothing changed"
+    );
 }
 
 /// Leases member 0 and returns its task.
