@@ -6,6 +6,7 @@ use clap::{Args, Parser};
 use nt_common::telemetry::LogFormat;
 use nt_common::tls::ServerTlsArgs;
 use nt_common::StorageArgs;
+use nt_spec::Limits;
 
 use crate::coordinator::CoordinatorConfig;
 
@@ -18,6 +19,40 @@ pub struct SchedulerArgs {
     /// How often workers heartbeat.
     #[arg(long, env = "NT_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
     pub heartbeat_interval_ms: u64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Ceilings on what one run may ask of the workers, checked at submission.
+#[derive(Args, Clone, Debug)]
+pub struct LimitArgs {
+    /// Most trainable parameters of a run's architecture.
+    #[arg(long, env = "NT_MAX_PARAMETERS", default_value_t = Limits::default().max_parameters)]
+    pub max_parameters: u64,
+    /// Most estimated activation memory of one training or evaluation batch, in bytes.
+    #[arg(long, env = "NT_MAX_ACTIVATION_BYTES", default_value_t = Limits::default().max_activation_bytes)]
+    pub max_activation_bytes: u64,
+    /// Most members of a run.
+    #[arg(long, env = "NT_MAX_MEMBERS", default_value_t = Limits::default().max_members)]
+    pub max_members: usize,
+    /// Most epochs of one training or fine-tuning.
+    #[arg(long, env = "NT_MAX_EPOCHS", default_value_t = Limits::default().max_epochs)]
+    pub max_epochs: usize,
+    /// Most bytes of a generated data set (both splits).
+    #[arg(long, env = "NT_MAX_DATA_BYTES", default_value_t = Limits::default().max_data_bytes)]
+    pub max_data_bytes: u64,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_parameters: self.max_parameters,
+            max_activation_bytes: self.max_activation_bytes,
+            max_members: self.max_members,
+            max_epochs: self.max_epochs,
+            max_data_bytes: self.max_data_bytes,
+        }
+    }
 }
 
 impl SchedulerArgs {
@@ -25,6 +60,7 @@ impl SchedulerArgs {
         CoordinatorConfig {
             lease_ttl: Duration::from_millis(self.lease_ttl_ms.max(100)),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms.max(50)),
+            limits: self.limits.limits(),
             ..CoordinatorConfig::default()
         }
     }

@@ -24,6 +24,8 @@ pub struct CoordinatorConfig {
     /// How long a task whose lease could not be stored waits before it is
     /// offered again (doubling with each failure, up to 30 s).
     pub lease_retry_backoff: Duration,
+    /// What one run may ask of the workers.
+    pub limits: nt_spec::Limits,
 }
 
 impl Default for CoordinatorConfig {
@@ -34,6 +36,7 @@ impl Default for CoordinatorConfig {
             max_lease_wait: Duration::from_secs(20),
             sweep_interval: Duration::from_millis(500),
             lease_retry_backoff: Duration::from_secs(1),
+            limits: nt_spec::Limits::default(),
         }
     }
 }

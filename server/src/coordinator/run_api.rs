@@ -97,6 +97,7 @@ impl RunApi for Coordinator {
         }
         tracing::Span::current().record("run_id", run_id.as_str());
         let plan = Plan::from_wire(&spec, &|r| self.storage.key_of(r))?;
+        self.config.limits.check(&plan)?;
         self.check_existing_members(&plan).await?;
         if !request_id.is_empty() {
             run_id = self.store.claim_request(&request_id, &run_id).await?;

@@ -34,6 +34,7 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
         // Sweeps are called by the tests.
         sweep_interval: Duration::from_secs(3600),
         lease_retry_backoff: Duration::from_millis(50),
+        limits: nt_spec::Limits::default(),
     };
     let c = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
         .await
@@ -452,4 +453,23 @@ fn small_arch_json() -> String {
         .unwrap()
         .spec()
         .to_json()
+}
+
+#[tokio::test]
+async fn a_run_over_a_limit_is_refused_at_submission_and_nothing_is_stored() {
+    let (c, _store) = coordinator().await;
+    let e = c
+        .submit(
+            spec("members: {count: 2, training: {epochs: 1000000}}\n"),
+            String::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, CoordinatorError::InvalidSpec(s) if s.field == "members.training.epochs"),
+        "{e}"
+    );
+    assert_eq!(e.code(), nt_proto::tonic::Code::InvalidArgument);
+    let (runs, _) = c.list(0, "", pb::RunState::Unspecified).await.unwrap();
+    assert!(runs.is_empty());
 }
