@@ -937,5 +937,5 @@ fn ctrl_c_cancels_a_local_run_and_exits_at_once() {
         .find(|p| p.exists())
         .expect("a run document");
     let doc = json(&std::fs::read_to_string(doc).unwrap());
-    assert_eq!(doc["run"]["state"], "cancelled", "{doc}");
+    assert_eq!(doc["state"], "cancelled", "{doc}");
 }
