@@ -83,6 +83,18 @@ pub fn best_member(run: &pb::Run) -> Option<f64> {
         .fold(None, |best, a| Some(best.map_or(a, |b: f64| b.max(a))))
 }
 
+/// The models of a finished run whose loss or accuracy is not a finite
+/// number (a diverged training, or non-finite weights), by their row names.
+pub fn diverged(run: &pb::Run) -> Vec<String> {
+    rows(run)
+        .into_iter()
+        .filter(|r| {
+            r.loss.is_some_and(|l| !l.is_finite()) || r.accuracy.is_some_and(|a| !a.is_finite())
+        })
+        .map(|r| r.model)
+        .collect()
+}
+
 /// The test accuracy of a method's model after fine-tuning (the first method when `None`).
 pub fn fine_tuned_accuracy(run: &pb::Run, method: Option<&str>) -> Option<f64> {
     let report = run.report.as_ref()?;
@@ -153,6 +165,14 @@ pub fn text(run: &pb::Run) -> String {
             percent(r.accuracy),
             r.loss.map_or_else(|| "-".into(), |l| format!("{l:.4}")),
             group(r.parameters)
+        );
+    }
+    let diverged = diverged(run);
+    if !diverged.is_empty() {
+        let _ = writeln!(
+            out,
+            "\ndiverged (loss or accuracy not a number): {}",
+            diverged.join(", ")
         );
     }
     if let Some(report) = &run.report {

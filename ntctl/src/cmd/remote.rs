@@ -123,6 +123,22 @@ impl Gates {
             }
         }
         let acc = report::fine_tuned_accuracy(run, None);
+        // A model whose loss is not a number passes no gate, however its
+        // accuracy compares: it diverged, or its weights are not finite.
+        if self.min_accuracy.is_some() || self.beat_members {
+            let diverged = report::diverged(run);
+            let gated = |name: &str| {
+                name.ends_with("after fine-tuning")
+                    || (self.beat_members && name.starts_with("member "))
+            };
+            let failed: Vec<&String> = diverged.iter().filter(|n| gated(n)).collect();
+            if let Some(first) = failed.first() {
+                return Err(Exit::gate(format!(
+                    "quality gate missed: {first} has a loss or accuracy that is not a number \
+                     (diverged, or non-finite weights)"
+                )));
+            }
+        }
         if let Some(min) = self.min_accuracy {
             let min = if min > 1.0 { min / 100.0 } else { min };
             match acc {
@@ -658,5 +674,35 @@ mod tests {
         // No fine-tuned accuracy, or no members: missed, not passed.
         assert_eq!(code(gates.check(&run(&[0.8, 0.85], None))), Some(3));
         assert_eq!(code(gates.check(&run(&[], Some(0.9)))), Some(3));
+    }
+
+    #[test]
+    fn a_model_whose_loss_is_not_a_number_misses_every_gate() {
+        let mut diverged = run(&[0.1, 0.85], Some(0.86));
+        let report = diverged.report.as_mut().unwrap();
+        report.members[0].name = "member 0".into();
+        report.members[0].loss = f64::NAN;
+        let beat = Gates {
+            beat_members: true,
+            ..Default::default()
+        };
+        assert_eq!(code(beat.check(&diverged)), Some(3));
+        let min = Gates {
+            min_accuracy: Some(0.5),
+            ..Default::default()
+        };
+        // A diverged member alone does not fail --min-accuracy ...
+        assert_eq!(code(min.check(&diverged)), None);
+        // ... a diverged fine-tuned model does, whatever its accuracy.
+        let report = diverged.report.as_mut().unwrap();
+        report.fused[0].after_fine_tuning.as_mut().unwrap().loss = f64::INFINITY;
+        assert_eq!(code(min.check(&diverged)), Some(3));
+        let text = report::text(&diverged);
+        assert!(
+            text.contains(
+                "diverged (loss or accuracy not a number): member 0, nt after fine-tuning"
+            ),
+            "{text}"
+        );
     }
 }
