@@ -36,6 +36,19 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+
+    /// An object a job needs is not in the store.
+    #[error("object `{0}` does not exist")]
+    Missing(String),
+
+    /// The object store failed (an outage, a refused request): another
+    /// attempt may not meet it.
+    #[error("{0}")]
+    Storage(String),
+
+    /// The job's hooks asked it to stop before it finished.
+    #[error("stopped before the end")]
+    Stopped,
 }
 
 impl RuntimeError {
@@ -55,15 +68,18 @@ impl RuntimeError {
     }
 
     /// Whether another attempt, perhaps on another machine, may succeed:
-    /// libtorch (device, memory) and I/O failures; not bad input.
+    /// libtorch (device, memory), I/O and storage failures; not bad input,
+    /// nor a job that was asked to stop.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RuntimeError::Torch(_) | RuntimeError::Io { .. } => true,
+            RuntimeError::Torch(_) | RuntimeError::Io { .. } | RuntimeError::Storage(_) => true,
             RuntimeError::Fusion(FusionError::Io { .. }) => true,
             RuntimeError::Fusion(_)
             | RuntimeError::Data(_)
             | RuntimeError::Unsupported(_)
-            | RuntimeError::Spec(_) => false,
+            | RuntimeError::Spec(_)
+            | RuntimeError::Missing(_)
+            | RuntimeError::Stopped => false,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 mod error;
 pub mod guard;
+pub mod job;
 pub mod model;
 pub mod tensor;
 pub mod train;

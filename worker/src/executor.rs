@@ -1,23 +1,23 @@
-//! Runs one task attempt on a blocking thread with the fusion engine:
-//! trains a member, fine-tunes a fused model, or evaluates models. Inputs
-//! come from the object store, epoch checkpoints and the final model go back
-//! to it under the attempt's own prefix.
+//! Runs one task attempt on a blocking thread: reads the `pb::Task` into a
+//! `TaskPlan`, hands it to the job driver (`nt_runtime::job`) with the
+//! object store as its I/O, and turns what the driver returns into a
+//! `pb::TaskResult`. Epoch states and the final model go under the
+//! attempt's own prefix.
 
-use std::collections::HashMap;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use fusion::arch::Architecture;
-use fusion::checkpoint::{self, Lineage};
-use fusion::state::StateDict;
 use nt_common::{layout, Storage};
 use nt_proto::v1 as pb;
-use nt_runtime::data::{DataSpec, FileSource, LocalDir, Prepared};
-use nt_runtime::model::Network;
-use nt_runtime::train::{self, Control, Distill, EpochRecord, Progress, TrainHooks, TrainState};
-use nt_spec::wire;
+use nt_runtime::data::{DataSpec, FileSource, LocalDir};
+use nt_runtime::job::{
+    self, ArchOf, EvalJob, JobHooks, JobIo, ModelRef, Normalize, Provenance, Start, Started,
+    TrainJob,
+};
+use nt_runtime::train::{EpochRecord, Evaluation, Progress};
+use nt_runtime::RuntimeError;
+use nt_spec::{EvalItem, Job, TaskPlan, TrainConfig};
 use tch::Device;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::UnboundedSender;
@@ -75,19 +75,13 @@ pub enum TaskError {
     Fatal(String),
 }
 
-impl From<nt_runtime::RuntimeError> for TaskError {
-    fn from(e: nt_runtime::RuntimeError) -> Self {
+impl From<RuntimeError> for TaskError {
+    fn from(e: RuntimeError) -> Self {
         if e.is_retryable() {
             TaskError::Retryable(e.to_string())
         } else {
             TaskError::Fatal(e.to_string())
         }
-    }
-}
-
-impl From<fusion::FusionError> for TaskError {
-    fn from(e: fusion::FusionError) -> Self {
-        nt_runtime::RuntimeError::from(e).into()
     }
 }
 
@@ -103,114 +97,85 @@ pub struct ProgressMessage {
 pub struct Env {
     pub storage: Storage,
     pub runtime: Handle,
+    /// The worker's device (a CPU run stays on the CPU, see [`task_device`]).
     pub device: Device,
     pub threads: Option<usize>,
 }
 
-impl Env {
-    fn get(&self, key: &str) -> Result<Bytes, TaskError> {
-        match self.runtime.block_on(self.storage.get(key)) {
-            Ok(Some((b, _))) => Ok(b),
-            Ok(None) => Err(TaskError::Fatal(format!("object `{key}` does not exist"))),
-            Err(e) => Err(TaskError::Retryable(format!("reading `{key}`: {e}"))),
+/// The object store as the job's I/O, blocking on the worker's runtime.
+struct StoreIo<'a>(&'a Env);
+
+impl JobIo for StoreIo<'_> {
+    fn read(&self, key: &str) -> nt_runtime::Result<Vec<u8>> {
+        match self.0.runtime.block_on(self.0.storage.get(key)) {
+            Ok(Some((bytes, _))) => Ok(Vec::from(bytes)),
+            Ok(None) => Err(RuntimeError::Missing(key.to_string())),
+            Err(e) => Err(RuntimeError::Storage(format!("reading `{key}`: {e}"))),
         }
     }
 
-    fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), TaskError> {
-        self.runtime
-            .block_on(self.storage.put(key, Bytes::from(bytes)))
+    fn write(&self, key: &str, bytes: Vec<u8>) -> nt_runtime::Result<()> {
+        self.0
+            .runtime
+            .block_on(self.0.storage.put(key, Bytes::from(bytes)))
             .map(|_| ())
-            .map_err(|e| TaskError::Retryable(format!("writing `{key}`: {e}")))
+            .map_err(|e| RuntimeError::Storage(format!("writing `{key}`: {e}")))
     }
 
-    fn load_state(&self, key: &str) -> Result<StateDict, TaskError> {
-        let bytes = self.get(key)?;
-        Ok(checkpoint::load_bytes(key, Vec::from(bytes))?)
+    /// `store:<prefix>` reads the data set's files from the store, anything
+    /// else from the worker's own folders.
+    fn data_source(&self, spec: &DataSpec) -> nt_runtime::Result<Box<dyn FileSource + '_>> {
+        Ok(
+            match spec.path.as_deref().and_then(|p| p.strip_prefix("store:")) {
+                Some(prefix) => Box::new(StoreSource {
+                    io: self,
+                    prefix: prefix.to_string(),
+                }),
+                None => Box::new(LocalDir(spec.location().unwrap_or_default().into())),
+            },
+        )
     }
 }
 
 /// Data files under a key prefix of the object store.
 struct StoreSource<'a> {
-    env: &'a Env,
+    io: &'a StoreIo<'a>,
     prefix: String,
 }
 
 impl FileSource for StoreSource<'_> {
     fn read(&self, name: &str) -> nt_runtime::Result<Option<Vec<u8>>> {
-        let key = format!("{}/{name}", self.prefix.trim_end_matches('/'));
-        match self.env.runtime.block_on(self.env.storage.get(&key)) {
-            Ok(found) => Ok(found.map(|(b, _)| Vec::from(b))),
-            Err(e) => Err(nt_runtime::RuntimeError::Data(format!(
-                "reading `{key}`: {e}"
-            ))),
+        match self
+            .io
+            .read(&format!("{}/{name}", self.prefix.trim_end_matches('/')))
+        {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(RuntimeError::Missing(_)) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     fn describe(&self) -> String {
-        format!("{}/{}", self.env.storage.url, self.prefix)
+        format!("{}/{}", self.io.0.storage.url, self.prefix)
     }
 }
 
-fn load_data(
-    env: &Env,
-    spec: &DataSpec,
-    arch: &Architecture,
-    device: Device,
-    normalization: Option<nt_runtime::data::Normalization>,
-) -> Result<Prepared, TaskError> {
-    let splits = match spec.path.as_deref().and_then(|p| p.strip_prefix("store:")) {
-        Some(prefix) => nt_runtime::data::load(
-            spec,
-            &StoreSource {
-                env,
-                prefix: prefix.to_string(),
-            },
-        )?,
-        None => {
-            let dir = spec.location().unwrap_or_default();
-            nt_runtime::data::load(spec, &LocalDir(dir.into()))?
-        }
-    };
-    splits.check_fits(arch)?;
-    Ok(splits.to_device_with(device, normalization)?)
-}
-
-fn curve_point(e: &EpochRecord) -> pb::CurvePoint {
-    pb::CurvePoint {
-        epoch: e.epoch as u32,
-        train_loss: e.train_loss,
-        train_accuracy: e.train_accuracy,
-        eval_accuracy: e.eval.map_or(0.0, |v| v.accuracy),
-        eval_loss: e.eval.map_or(0.0, |v| v.loss),
-    }
-}
-
-fn model_report(
-    name: &str,
-    arch: &Architecture,
-    e: train::Evaluation,
-    checkpoint: &str,
-) -> pb::ModelReport {
-    pb::ModelReport {
-        name: name.to_string(),
-        accuracy: e.accuracy,
-        loss: e.loss,
-        parameters: arch.parameter_count() as u64,
-        checkpoint: checkpoint.to_string(),
-    }
-}
-
-/// Training hooks: progress to the coordinator, epoch states to the store.
+/// The driver's hooks: progress and epoch states to the coordinator,
+/// directives from it back as stops.
 struct Hooks<'a> {
-    env: &'a Env,
-    task: &'a pb::Task,
     progress: &'a UnboundedSender<ProgressMessage>,
     control: &'a TaskControl,
 }
 
-impl TrainHooks for Hooks<'_> {
-    fn progress(&mut self, p: &Progress) -> Control {
-        let msg = ProgressMessage {
+impl JobHooks for Hooks<'_> {
+    fn started(&mut self, start: &Started<'_>) {
+        if let Some(epoch) = start.resumed_after {
+            tracing::info!(epoch, "resuming from an epoch checkpoint");
+        }
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        let _ = self.progress.send(ProgressMessage {
             progress: Some(pb::TaskProgress {
                 epoch: p.epoch as u32,
                 epochs: p.epochs as u32,
@@ -227,33 +192,25 @@ impl TrainHooks for Hooks<'_> {
             }),
             checkpoint: None,
             epoch: p.epoch_end.as_ref().map(curve_point),
-        };
-        let _ = self.progress.send(msg);
-        if self.control.stopped().is_some() {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
+        });
     }
 
-    fn epoch_end(
-        &mut self,
-        epoch: usize,
-        state: &dyn Fn() -> nt_runtime::Result<TrainState>,
-    ) -> nt_runtime::Result<()> {
-        let key = layout::epoch_state(&self.task.output_prefix, epoch);
-        let bytes = nt_runtime::train::train_state_to_bytes(&state()?)?;
-        if let Err(e) = self.env.put(&key, bytes) {
-            // Training can go on; a retry would resume from an older state.
-            tracing::warn!(error = %e, "writing an epoch checkpoint");
-            return Ok(());
-        }
+    fn epoch_saved(&mut self, epoch: usize, key: &str) {
         let _ = self.progress.send(ProgressMessage {
             progress: None,
-            checkpoint: Some((key, epoch as u32)),
+            checkpoint: Some((key.to_string(), epoch as u32)),
             epoch: None,
         });
+    }
+
+    fn epoch_save_failed(&mut self, _epoch: usize, error: RuntimeError) -> nt_runtime::Result<()> {
+        // Training can go on; a retry would resume from an older state.
+        tracing::warn!(error = %error, "writing an epoch checkpoint");
         Ok(())
+    }
+
+    fn should_stop(&self) -> bool {
+        self.control.stopped().is_some()
     }
 }
 
@@ -268,166 +225,154 @@ pub fn execute(
     if let Some(n) = env.threads {
         tch::set_num_threads(n as i32);
     }
-    let arch = Architecture::from_json(&task.architecture_json)?;
-    let data_spec = wire::data_from_wire(&task.data.clone().unwrap_or_default());
-    let device = env.device;
-    let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
-    // Models are evaluated and fine-tuned with the normalisation they were trained with.
-    let first_model = match kind {
-        pb::TaskKind::FineTune => Some(env.load_state(&task.init_checkpoint)?),
-        pb::TaskKind::Evaluate => match task.evaluate.first().and_then(|i| i.checkpoints.first()) {
-            Some(k) => Some(env.load_state(k)?),
-            None => None,
-        },
-        _ => None,
+    let plan = TaskPlan::from_wire(task).map_err(|e| TaskError::Fatal(e.to_string()))?;
+    let device = task_device(plan.device, env.device);
+    let io = StoreIo(env);
+    let mut hooks = Hooks { progress, control };
+    let given = |key: &String| ModelRef {
+        key: key.clone(),
+        arch: ArchOf::Given(plan.arch.clone()),
     };
-    let normalization = first_model
-        .as_ref()
-        .and_then(|s| s.input())
-        .map(|i| nt_runtime::data::Normalization::from(&i));
-    let data = load_data(env, &data_spec, &arch, device, normalization)?;
-    let mut result = match kind {
-        pb::TaskKind::Train | pb::TaskKind::FineTune => {
-            let mut config =
-                wire::training_from_wire(task.training.as_ref(), task.seed, data_spec.augment);
-            let (mut net, before, teachers) = if kind == pb::TaskKind::Train {
-                (
-                    train::init_network(&arch, device, task.seed)?,
-                    None,
-                    Vec::new(),
-                )
-            } else {
-                let init = first_model
-                    .as_ref()
-                    .ok_or_else(|| TaskError::Fatal("fine-tuning without a checkpoint".into()))?;
-                let net = Network::from_state(&arch, init, device)?;
-                let before =
-                    train::evaluate(&net, &data.test, task.eval_batch_size.max(1) as usize)?;
-                let teachers = task
-                    .teacher_checkpoints
-                    .iter()
-                    .map(|k| Ok(Network::from_state(&arch, &env.load_state(k)?, device)?))
-                    .collect::<Result<Vec<_>, TaskError>>()?;
-                config.distill = task.distill.map(|d| Distill {
-                    temperature: d.temperature.unwrap_or(2.0),
-                    weight: d.weight.unwrap_or(0.25),
-                });
-                (net, Some(before), teachers)
-            };
-            let resume = if task.resume_state.is_empty() {
-                None
-            } else {
-                let bytes = env.get(&task.resume_state)?;
-                Some(nt_runtime::train::train_state_from_bytes(
-                    &task.resume_state,
-                    Vec::from(bytes),
-                )?)
-            };
-            if let Some(r) = &resume {
-                tracing::info!(epoch = r.epoch, "resuming from an epoch checkpoint");
-            }
-            let mut hooks = Hooks {
-                env,
-                task,
-                progress,
-                control,
-            };
-            let outcome = train::train(
-                &mut net,
-                &config,
-                &data.train,
-                Some(data.monitor()),
-                &teachers,
-                resume,
-                &mut hooks,
-            )?;
-            if outcome.stopped {
-                return Err(TaskError::Stopped(
-                    control.stopped().unwrap_or(StopReason::Shutdown),
-                ));
-            }
-            let after = train::evaluate(&net, &data.test, task.eval_batch_size.max(1) as usize)?;
-            let mut state = net.to_state()?;
-            state.set_input(&data.input_spec());
-            let mut lineage = Lineage {
-                method: if kind == pb::TaskKind::Train {
-                    "trained"
-                } else {
-                    "fine-tuned"
-                }
-                .into(),
-                run: Some(task.run_id.clone()),
-                ..Default::default()
-            };
-            if kind == pb::TaskKind::FineTune {
-                lineage.members = vec![task.init_checkpoint.clone()];
-            }
-            lineage
-                .metrics
-                .insert("test_accuracy".into(), after.accuracy);
-            lineage.notes.insert("seed".into(), task.seed.to_string());
-            state.set_lineage(&lineage);
-            let key = layout::attempt_model(&task.output_prefix);
-            env.put(&key, checkpoint::to_bytes(&state)?)?;
-            pb::TaskResult {
-                checkpoint: key.clone(),
-                curve: outcome.history.iter().map(curve_point).collect(),
-                before: before.map(|b| model_report(&task.label, &arch, b, &task.init_checkpoint)),
-                after: Some(model_report(&task.label, &arch, after, &key)),
-                evaluations: Vec::new(),
-                compute_seconds: 0.0,
-                samples_per_second: outcome.samples_per_second,
-            }
-        }
-        pb::TaskKind::Evaluate => {
-            let mut cache: HashMap<String, Rc<Network>> = HashMap::new();
-            let mut evaluations = Vec::new();
-            for item in &task.evaluate {
-                let mut nets = Vec::new();
-                for key in &item.checkpoints {
-                    if control.stopped().is_some() {
-                        return Err(TaskError::Stopped(
-                            control.stopped().unwrap_or(StopReason::Shutdown),
-                        ));
-                    }
-                    let net = match cache.get(key) {
-                        Some(n) => n.clone(),
-                        None => {
-                            let n =
-                                Rc::new(Network::from_state(&arch, &env.load_state(key)?, device)?);
-                            cache.insert(key.clone(), n.clone());
-                            n
-                        }
-                    };
-                    nets.push(net);
-                }
-                let refs: Vec<&Network> = nets.iter().map(|n| n.as_ref()).collect();
-                let e = train::evaluate_ensemble(
-                    &refs,
-                    &data.test,
-                    task.eval_batch_size.max(1) as usize,
-                )?;
-                let mut report = model_report(
-                    &item.name,
-                    &arch,
-                    e,
-                    item.checkpoints.first().map_or("", |s| s),
-                );
-                report.parameters *= item.checkpoints.len() as u64;
-                evaluations.push(report);
-            }
-            pb::TaskResult {
-                evaluations,
-                ..Default::default()
-            }
-        }
-        pb::TaskKind::Unspecified => {
-            return Err(TaskError::Fatal(format!(
-                "task kind {} is unknown",
-                task.kind
-            )))
-        }
+    let done = match &plan.job {
+        Job::Train { config } => train(
+            &plan,
+            device,
+            config,
+            Start::Fresh(plan.arch.clone()),
+            Vec::new(),
+            &io,
+            &mut hooks,
+        ),
+        Job::FineTune {
+            config,
+            init,
+            teachers,
+        } => train(
+            &plan,
+            device,
+            config,
+            Start::Checkpoint(given(init)),
+            teachers.iter().map(given).collect(),
+            &io,
+            &mut hooks,
+        ),
+        Job::Evaluate { items } => evaluate(&plan, device, items, &io, &mut hooks),
     };
+    let mut result = done.map_err(|e| match e {
+        RuntimeError::Stopped => {
+            TaskError::Stopped(control.stopped().unwrap_or(StopReason::Shutdown))
+        }
+        e => e.into(),
+    })?;
     result.compute_seconds = start.elapsed().as_secs_f64();
     Ok(result)
 }
+
+fn train(
+    plan: &TaskPlan,
+    device: Device,
+    config: &TrainConfig,
+    start: Start,
+    teachers: Vec<ModelRef>,
+    io: &StoreIo<'_>,
+    hooks: &mut Hooks<'_>,
+) -> nt_runtime::Result<pb::TaskResult> {
+    let init = match &start {
+        Start::Checkpoint(m) => m.key.clone(),
+        Start::Fresh(_) => String::new(),
+    };
+    let job = TrainJob {
+        start,
+        teachers,
+        config: config.clone(),
+        data: plan.data.clone(),
+        device,
+        eval_batch: plan.eval_batch,
+        resume: plan.resume_state.clone(),
+        epoch_states: Some(plan.output_prefix.clone()),
+        output: layout::attempt_model(&plan.output_prefix),
+        provenance: Provenance::Run {
+            run: plan.run_id.clone(),
+        },
+    };
+    let trained = job::run_training(&job, io, hooks)?;
+    let parameters = plan.arch.parameter_count();
+    Ok(pb::TaskResult {
+        checkpoint: trained.key.clone(),
+        curve: trained.outcome.history.iter().map(curve_point).collect(),
+        before: trained
+            .before
+            .map(|b| model_report(&plan.label, parameters, b, &init)),
+        after: Some(model_report(
+            &plan.label,
+            parameters,
+            trained.after,
+            &trained.key,
+        )),
+        evaluations: Vec::new(),
+        compute_seconds: 0.0,
+        samples_per_second: trained.outcome.samples_per_second,
+    })
+}
+
+fn evaluate(
+    plan: &TaskPlan,
+    device: Device,
+    items: &[EvalItem],
+    io: &StoreIo<'_>,
+    hooks: &mut Hooks<'_>,
+) -> nt_runtime::Result<pb::TaskResult> {
+    let job = EvalJob {
+        items: items.to_vec(),
+        arch: ArchOf::Given(plan.arch.clone()),
+        data: plan.data.clone(),
+        device,
+        eval_batch: plan.eval_batch,
+        normalize: Normalize::Recorded,
+    };
+    let evaluated = job::run_evaluation(&job, io, hooks)?;
+    Ok(pb::TaskResult {
+        evaluations: evaluated
+            .iter()
+            .zip(items)
+            .map(|(e, item)| {
+                let first = item.checkpoints.first().map_or("", |s| s);
+                model_report(&e.name, e.parameters, e.evaluation, first)
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+fn curve_point(e: &EpochRecord) -> pb::CurvePoint {
+    pb::CurvePoint {
+        epoch: e.epoch as u32,
+        train_loss: e.train_loss,
+        train_accuracy: e.train_accuracy,
+        eval_accuracy: e.eval.map_or(0.0, |v| v.accuracy),
+        eval_loss: e.eval.map_or(0.0, |v| v.loss),
+    }
+}
+
+fn model_report(name: &str, parameters: usize, e: Evaluation, checkpoint: &str) -> pb::ModelReport {
+    pb::ModelReport {
+        name: name.to_string(),
+        accuracy: e.accuracy,
+        loss: e.loss,
+        parameters: parameters as u64,
+        checkpoint: checkpoint.to_string(),
+    }
+}
+
+/// Where a task runs on a worker whose own device is `worker`: a run that
+/// asked for the CPU trains on the CPU even on a GPU worker; otherwise the
+/// worker's device (the coordinator sends GPU tasks to GPU workers only).
+pub fn task_device(requirement: nt_spec::Device, worker: Device) -> Device {
+    match requirement {
+        nt_spec::Device::Cpu => Device::Cpu,
+        nt_spec::Device::Gpu | nt_spec::Device::Any => worker,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -6,11 +6,14 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
-use nt_runtime::model::Network;
-use nt_runtime::train::{evaluate, evaluate_ensemble, Evaluation};
+use nt_runtime::job::{run_evaluation, ArchOf, EvalJob, LocalFiles, Normalize, Quiet};
+use nt_runtime::train::Evaluation;
+use nt_spec::EvalItem;
 
-use super::train::{load_model, DataArgs};
+use super::train::{key, DataArgs, EVAL_BATCH};
 use crate::output::{print_json, OutputFormat};
+
+const ENSEMBLE: &str = "ensemble (mean logits)";
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -43,35 +46,52 @@ struct EvalReport {
 
 pub fn run(args: EvalArgs, output: OutputFormat) -> Result<()> {
     let device = args.data.device()?;
-    let splits = nt_runtime::data::load_local(&args.data.spec()?)?;
-    let mut nets = Vec::new();
-    for path in &args.models {
-        let (arch, state) = load_model(path, args.arch.as_deref())?;
-        splits.check_fits(&arch)?;
-        nets.push((
-            path.display().to_string(),
-            Network::from_state(&arch, &state, device)?,
-        ));
-    }
-    if nets.is_empty() {
+    let arch = match &args.arch {
+        Some(a) => ArchOf::Given(fusion::arch::resolve(a)?),
+        None => ArchOf::Recorded,
+    };
+    let names: Vec<String> = args.models.iter().map(|p| key(p)).collect();
+    if names.is_empty() {
         bail!("give at least one model checkpoint");
     }
-    let data = splits.to_device(device)?;
-    let mut models = Vec::new();
-    for (name, net) in &nets {
-        models.push(ModelResult {
-            model: name.clone(),
-            arch: net.arch().name().to_string(),
-            parameters: net.arch().parameter_count(),
-            evaluation: evaluate(net, &data.test, 1024)?,
+    // Each model, then (for several) their ensemble.
+    let mut items: Vec<EvalItem> = names
+        .iter()
+        .map(|name| EvalItem {
+            name: name.clone(),
+            checkpoints: vec![name.clone()],
+        })
+        .collect();
+    if names.len() > 1 {
+        items.push(EvalItem {
+            name: ENSEMBLE.into(),
+            checkpoints: names.clone(),
         });
     }
-    let ensemble = if nets.len() > 1 {
-        let refs: Vec<&Network> = nets.iter().map(|(_, n)| n).collect();
-        Some(evaluate_ensemble(&refs, &data.test, 1024)?)
+    let job = EvalJob {
+        items,
+        arch,
+        data: args.data.spec()?,
+        device,
+        eval_batch: EVAL_BATCH,
+        normalize: Normalize::TrainingSplit,
+    };
+    let mut evaluated = run_evaluation(&job, &LocalFiles, &mut Quiet)?;
+    let ensemble = if names.len() > 1 {
+        evaluated.pop().map(|e| e.evaluation)
     } else {
         None
     };
+    let models: Vec<ModelResult> = evaluated
+        .into_iter()
+        .map(|e| ModelResult {
+            model: e.name,
+            arch: e.arch,
+            parameters: e.parameters,
+            evaluation: e.evaluation,
+        })
+        .collect();
+    let test_images = models.first().map_or(0, |m| m.evaluation.samples);
     let report = EvalReport {
         data: args.data.data.clone(),
         models,
@@ -84,7 +104,7 @@ pub fn run(args: EvalArgs, output: OutputFormat) -> Result<()> {
                 .models
                 .iter()
                 .map(|m| m.model.len())
-                .chain(report.ensemble.map(|_| "ensemble (mean logits)".len()))
+                .chain(report.ensemble.map(|_| ENSEMBLE.len()))
                 .max()
                 .unwrap_or(5);
             println!(
@@ -103,13 +123,13 @@ pub fn run(args: EvalArgs, output: OutputFormat) -> Result<()> {
             if let Some(e) = &report.ensemble {
                 println!(
                     "{:<width$}  {:>8.2}%  {:>8.4}  {:>11}",
-                    "ensemble (mean logits)",
+                    ENSEMBLE,
                     100.0 * e.accuracy,
                     e.loss,
                     report.models.iter().map(|m| m.parameters).sum::<usize>()
                 );
             }
-            println!("on {} test images of {}", data.test.len, report.data);
+            println!("on {test_images} test images of {}", report.data);
         }
     }
     Ok(())

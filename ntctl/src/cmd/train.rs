@@ -1,28 +1,30 @@
 //! `ntctl train`: train a member, or fine-tune a fused model, offline.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
+use nt_spec::defaults;
 use serde::Serialize;
 
-use fusion::arch::Architecture;
-use fusion::checkpoint::{self, Lineage};
 use nt_runtime::data::{Augment, DataSpec};
-use nt_runtime::model::Network;
-use nt_runtime::train::{
-    init_network, Control, Distill, Evaluation, Progress, Schedule, TrainConfig, TrainHooks,
-    TrainOutcome, TrainState,
+use nt_runtime::job::{
+    run_training, ArchOf, JobHooks, LocalFiles, ModelRef, Provenance, Start, Started, TrainJob,
 };
+use nt_runtime::train::{Distill, Evaluation, Progress, Schedule, TrainConfig, TrainOutcome};
 
 use crate::output::{print_json, OutputFormat};
+
+/// The evaluation batch size of the offline commands.
+pub const EVAL_BATCH: usize = nt_spec::defaults::EVAL_BATCH;
 
 /// Where the data comes from and how it is split (shared by train and eval).
 #[derive(Args, Clone)]
 pub struct DataArgs {
     /// Data set as `name[:folder]`: fashion-mnist (default, from the Debian
     /// package), mnist, kmnist, emnist-<split>, cifar10, cifar100, synthetic.
-    #[arg(long, default_value = "fashion-mnist", env = "NT_DATA")]
+    #[arg(long, default_value = defaults::DATASET, env = "NT_DATA")]
     pub data: String,
     /// Fraction of the training set held out for validation.
     #[arg(long, default_value_t = 0.0)]
@@ -72,22 +74,22 @@ pub struct TrainArgs {
     #[arg(long, value_delimiter = ',')]
     distill: Vec<PathBuf>,
     /// Distillation temperature.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = defaults::DISTILL_TEMPERATURE)]
     temperature: f64,
     /// Weight of the soft targets in the distillation loss.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = defaults::DISTILL_WEIGHT)]
     distill_weight: f64,
     #[command(flatten)]
     data: DataArgs,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = defaults::EPOCHS)]
     epochs: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = defaults::BATCH_SIZE)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = defaults::LR)]
     lr: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = defaults::MOMENTUM)]
     momentum: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults::WEIGHT_DECAY)]
     weight_decay: f64,
     #[arg(long)]
     nesterov: bool,
@@ -144,33 +146,32 @@ pub fn parse_schedule(text: &str) -> Result<Schedule, String> {
     }
 }
 
-/// Loads a checkpoint with its architecture (given, or recorded in it).
-pub fn load_model(
-    path: &Path,
-    arch: Option<&str>,
-) -> Result<(Architecture, fusion::state::StateDict)> {
-    let state = checkpoint::load(path)?;
-    let arch = match arch {
-        Some(a) => fusion::arch::resolve(a)?,
-        None => match state.arch() {
-            Some(spec) => Architecture::new(spec.with_context(|| path.display().to_string())?)?,
-            None => bail!(
-                "{} records no architecture; pass --arch with a preset (`ntctl arch list`) or a spec file",
-                path.display()
-            ),
-        },
-    };
-    checkpoint::validate(&state, &arch, &path.display().to_string())?;
-    Ok((arch, state))
+/// A path as the job driver's key (`LocalFiles` reads keys as paths).
+pub fn key(path: &Path) -> String {
+    path.display().to_string()
 }
 
+/// Prints the start and each epoch in text mode.
 struct CliHooks {
     output: OutputFormat,
-    checkpoint_dir: Option<PathBuf>,
 }
 
-impl TrainHooks for CliHooks {
-    fn progress(&mut self, p: &Progress) -> Control {
+impl JobHooks for CliHooks {
+    fn started(&mut self, start: &Started<'_>) {
+        if self.output == OutputFormat::Text {
+            println!(
+                "training {} ({} parameters) on {} ({} train / {} test images) on {:?}",
+                start.arch.name(),
+                start.arch.parameter_count(),
+                start.data.name,
+                start.data.train.len,
+                start.data.test.len,
+                start.device
+            );
+        }
+    }
+
+    fn progress(&mut self, p: &Progress) {
         if let (OutputFormat::Text, Some(e)) = (self.output, &p.epoch_end) {
             let eval = e
                 .eval
@@ -187,27 +188,6 @@ impl TrainHooks for CliHooks {
                 e.seconds
             );
         }
-        Control::Continue
-    }
-
-    fn epoch_end(
-        &mut self,
-        epoch: usize,
-        state: &dyn Fn() -> nt_runtime::Result<TrainState>,
-    ) -> nt_runtime::Result<()> {
-        let Some(dir) = &self.checkpoint_dir else {
-            return Ok(());
-        };
-        std::fs::create_dir_all(dir).map_err(|e| nt_runtime::RuntimeError::Io {
-            path: dir.clone(),
-            source: e,
-        })?;
-        let bytes = nt_runtime::train::train_state_to_bytes(&state()?)?;
-        let path = dir.join(format!("epoch-{epoch:04}.state.safetensors"));
-        let tmp = dir.join(format!(".epoch-{epoch:04}.tmp"));
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| nt_runtime::RuntimeError::Io { path, source: e })
     }
 }
 
@@ -224,47 +204,30 @@ struct TrainReport<'a> {
 
 pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
     let device = args.data.device()?;
-    let (arch, init_state) = match (&args.init, &args.arch) {
-        (Some(path), arch) => {
-            let (a, s) = load_model(path, arch.as_deref())?;
-            (a, Some(s))
-        }
-        (None, Some(a)) => (fusion::arch::resolve(a)?, None),
+    let arch = args
+        .arch
+        .as_deref()
+        .map(fusion::arch::resolve)
+        .transpose()?;
+    let start = match (&args.init, arch) {
+        (Some(path), arch) => Start::Checkpoint(ModelRef {
+            key: key(path),
+            arch: arch.map_or(ArchOf::Recorded, ArchOf::Given),
+        }),
+        (None, Some(arch)) => Start::Fresh(arch),
         (None, None) => {
             bail!("say what to train: --arch (a preset or spec file) or --init (a checkpoint)")
         }
     };
-    let splits = nt_runtime::data::load_local(&args.data.spec()?)?;
-    splits.check_fits(&arch)?;
-    // A fine-tuned model keeps the normalisation its members were trained with.
-    let recorded = init_state
-        .as_ref()
-        .and_then(|s| s.input())
-        .map(|i| nt_runtime::data::Normalization::from(&i));
-    let data = splits.to_device_with(device, recorded)?;
-
-    let mut net = match &init_state {
-        Some(state) => Network::from_state(&arch, state, device)?,
-        None => init_network(&arch, device, args.seed)?,
-    };
-    let teachers = args
+    // Teachers are read with the architecture each one records.
+    let teachers: Vec<ModelRef> = args
         .distill
         .iter()
-        .map(|p| {
-            let (a, s) = load_model(p, None)?;
-            Ok(Network::from_state(&a, &s, device)?)
+        .map(|p| ModelRef {
+            key: key(p),
+            arch: ArchOf::Recorded,
         })
-        .collect::<Result<Vec<_>>>()?;
-    let resume = match &args.resume {
-        Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| p.display().to_string())?;
-            Some(nt_runtime::train::train_state_from_bytes(
-                &p.display().to_string(),
-                bytes,
-            )?)
-        }
-        None => None,
-    };
+        .collect();
     let config = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
@@ -285,72 +248,38 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
         }),
         log_every: 0,
     };
-    if output == OutputFormat::Text {
-        println!(
-            "training {} ({} parameters) on {} ({} train / {} test images) on {:?}",
-            arch.name(),
-            arch.parameter_count(),
-            data.name,
-            data.train.len,
-            data.test.len,
-            device
-        );
-    }
-    let mut hooks = CliHooks {
-        output,
-        checkpoint_dir: args.checkpoint_dir.clone(),
+    let job = TrainJob {
+        start,
+        teachers,
+        config,
+        data: args.data.spec()?,
+        device,
+        eval_batch: EVAL_BATCH,
+        resume: args.resume.as_deref().map(key),
+        epoch_states: args.checkpoint_dir.as_deref().map(key),
+        output: key(&args.output_file),
+        provenance: Provenance::Offline {
+            notes: BTreeMap::from([
+                ("data".to_string(), args.data.data.clone()),
+                ("epochs".to_string(), args.epochs.to_string()),
+            ]),
+        },
     };
-    let outcome = nt_runtime::train::train(
-        &mut net,
-        &config,
-        &data.train,
-        Some(data.monitor()),
-        &teachers,
-        resume,
-        &mut hooks,
-    )?;
-    let test = nt_runtime::train::evaluate(&net, &data.test, 1024)?;
-
-    let mut state = net.to_state()?;
-    state.set_input(&data.input_spec());
-    let mut lineage = init_state
-        .as_ref()
-        .and_then(|s| s.lineage())
-        .unwrap_or_default();
-    lineage.method = if init_state.is_some() {
-        "fine-tuned".into()
-    } else {
-        "trained".into()
-    };
-    if let Some(init) = &args.init {
-        lineage.members = vec![init.display().to_string()];
-    }
-    lineage
-        .metrics
-        .insert("test_accuracy".into(), test.accuracy);
-    lineage.metrics.insert("test_loss".into(), test.loss);
-    lineage.notes.insert("data".into(), args.data.data.clone());
-    lineage.notes.insert("seed".into(), args.seed.to_string());
-    lineage
-        .notes
-        .insert("epochs".into(), args.epochs.to_string());
-    state.set_lineage(&Lineage { ..lineage });
-    checkpoint::save(&args.output_file, &state)?;
-
+    let trained = run_training(&job, &LocalFiles, &mut CliHooks { output })?;
     match output {
         OutputFormat::Json => print_json(&TrainReport {
             output: args.output_file.display().to_string(),
-            arch: arch.name().to_string(),
-            parameters: arch.parameter_count(),
+            arch: trained.arch.name().to_string(),
+            parameters: trained.arch.parameter_count(),
             device: format!("{device:?}"),
-            test,
-            outcome: &outcome,
+            test: trained.after,
+            outcome: &trained.outcome,
         })?,
         OutputFormat::Text => println!(
             "test accuracy {:.2}%  loss {:.4}  ({:.0} training samples/s) -> {}",
-            100.0 * test.accuracy,
-            test.loss,
-            outcome.samples_per_second,
+            100.0 * trained.after.accuracy,
+            trained.after.loss,
+            trained.outcome.samples_per_second,
             args.output_file.display()
         ),
     }

@@ -304,6 +304,12 @@ pub fn load(spec: &DataSpec, source: &dyn FileSource) -> Result<Splits> {
 
 /// Loads a data set from its local folder (the Debian package's for Fashion-MNIST).
 pub fn load_local(spec: &DataSpec) -> Result<Splits> {
+    load(spec, &local_source(spec)?)
+}
+
+/// The local folder of a data set; an error when a set other than
+/// `synthetic` has none.
+pub fn local_source(spec: &DataSpec) -> Result<LocalDir> {
     let dir = spec.location().unwrap_or_default();
     if spec.dataset != "synthetic" && dir.is_empty() {
         return Err(RuntimeError::Data(format!(
@@ -311,7 +317,7 @@ pub fn load_local(spec: &DataSpec) -> Result<Splits> {
             spec.dataset, spec.dataset
         )));
     }
-    load(spec, &LocalDir(dir.into()))
+    Ok(LocalDir(dir.into()))
 }
 
 #[cfg(test)]

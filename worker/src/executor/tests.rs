@@ -1,0 +1,195 @@
+use fusion::arch::{preset, Architecture};
+use nt_common::StorageArgs;
+use nt_spec::{SyntheticSpec, TaskWork};
+use tokio::sync::mpsc;
+
+use super::*;
+
+#[test]
+fn a_cpu_run_stays_on_the_cpu_of_a_gpu_worker() {
+    let gpu = Device::Cuda(0);
+    assert_eq!(task_device(nt_spec::Device::Cpu, gpu), Device::Cpu);
+    assert_eq!(task_device(nt_spec::Device::Gpu, gpu), gpu);
+    assert_eq!(task_device(nt_spec::Device::Any, gpu), gpu);
+    assert_eq!(task_device(nt_spec::Device::Any, Device::Cpu), Device::Cpu);
+}
+
+#[test]
+fn epoch_states_go_where_the_layout_says() {
+    let prefix = layout::attempt_prefix("run-1", "member-0", 2);
+    assert_eq!(
+        job::epoch_state_key(&prefix, 7),
+        layout::epoch_state(&prefix, 7)
+    );
+}
+
+/// A task of run `run-1` on synthetic data, attempt 1.
+fn plan(work: TaskWork, job: Job) -> TaskPlan {
+    let arch =
+        Architecture::new(preset("mlp:input=1x8x8,hidden=16,depth=1,classes=4").unwrap()).unwrap();
+    TaskPlan {
+        task_id: format!("run-1/{}", work.local_name()),
+        run_id: "run-1".into(),
+        attempt: 1,
+        label: work.label(),
+        arch,
+        data: DataSpec {
+            synthetic: Some(SyntheticSpec {
+                train: 256,
+                test: 64,
+                classes: 4,
+                shape: [1, 8, 8],
+                seed: 3,
+                noise: 0.5,
+            }),
+            ..DataSpec::named("synthetic")
+        },
+        job,
+        device: nt_spec::Device::Cpu,
+        eval_batch: 50,
+        output_prefix: layout::attempt_prefix("run-1", &work.local_name(), 1),
+        resume_state: None,
+    }
+}
+
+fn config(seed: u64) -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        batch_size: 32,
+        seed,
+        ..TrainConfig::default()
+    }
+}
+
+/// Runs `task` as the lease loop does, on a blocking thread; returns its
+/// result and the checkpoints it announced.
+fn run(
+    env: &Env,
+    task: &pb::Task,
+    control: &TaskControl,
+) -> (Result<pb::TaskResult, TaskError>, Vec<(String, u32)>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let result = execute(task, env, &tx, control);
+    let mut checkpoints = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        checkpoints.extend(m.checkpoint);
+    }
+    (result, checkpoints)
+}
+
+#[test]
+fn tasks_train_fine_tune_and_evaluate_over_the_store() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let storage = Storage::open(&StorageArgs {
+        url: "memory://".into(),
+        ..StorageArgs::local(std::path::Path::new("/"))
+    })
+    .unwrap();
+    let env = Env {
+        storage,
+        runtime: runtime.handle().clone(),
+        device: Device::Cpu,
+        threads: Some(1),
+    };
+    let read = |key: &str| {
+        let bytes = StoreIo(&env).read(key).unwrap();
+        fusion::checkpoint::load_bytes(key, bytes).unwrap()
+    };
+    let control = TaskControl::default();
+
+    // Training: the model and every epoch state under the attempt's prefix.
+    let member = plan(
+        TaskWork::Train { member: 0 },
+        Job::Train { config: config(7) },
+    );
+    let (result, checkpoints) = run(&env, &member.to_wire(), &control);
+    let result = result.unwrap();
+    assert_eq!(
+        result.checkpoint,
+        layout::attempt_model(&member.output_prefix)
+    );
+    assert_eq!(
+        checkpoints,
+        [1, 2].map(|e| (layout::epoch_state(&member.output_prefix, e), e as u32))
+    );
+    assert_eq!(result.curve.len(), 2);
+    assert!(result.before.is_none());
+    let after = result.after.unwrap();
+    assert_eq!(after.name, "member 0");
+    assert_eq!(after.parameters, member.arch.parameter_count() as u64);
+    assert_eq!(after.checkpoint, result.checkpoint);
+    let lineage = read(&result.checkpoint).lineage().unwrap();
+    assert_eq!(lineage.method, "trained");
+    assert_eq!(lineage.run.as_deref(), Some("run-1"));
+    assert_eq!(
+        lineage.metrics.keys().collect::<Vec<_>>(),
+        ["test_accuracy"]
+    );
+    assert_eq!(lineage.metrics["test_accuracy"], after.accuracy);
+    assert_eq!(lineage.notes.len(), 1);
+    assert_eq!(lineage.notes["seed"], "7");
+
+    // Fine-tuning: evaluated before, names its initial checkpoint.
+    let fine = plan(
+        TaskWork::FineTune {
+            method: fusion::Method::Nt,
+        },
+        Job::FineTune {
+            config: config(1000),
+            init: result.checkpoint.clone(),
+            teachers: vec![result.checkpoint.clone()],
+        },
+    );
+    let tuned = run(&env, &fine.to_wire(), &control).0.unwrap();
+    let before = tuned.before.unwrap();
+    assert_eq!(before.checkpoint, result.checkpoint);
+    assert_eq!(before.accuracy, after.accuracy);
+    let lineage = read(&tuned.checkpoint).lineage().unwrap();
+    assert_eq!(lineage.method, "fine-tuned");
+    assert_eq!(lineage.members, std::slice::from_ref(&result.checkpoint));
+
+    // Evaluation: a model and an ensemble of two, with their parameters.
+    let items = vec![
+        EvalItem {
+            name: "member 0".into(),
+            checkpoints: vec![result.checkpoint.clone()],
+        },
+        EvalItem {
+            name: "ensemble".into(),
+            checkpoints: vec![result.checkpoint.clone(), tuned.checkpoint.clone()],
+        },
+    ];
+    let eval = plan(TaskWork::Evaluate, Job::Evaluate { items });
+    let evaluated = run(&env, &eval.to_wire(), &control).0.unwrap();
+    assert_eq!(evaluated.evaluations.len(), 2);
+    assert_eq!(evaluated.evaluations[0].accuracy, after.accuracy);
+    assert_eq!(evaluated.evaluations[1].name, "ensemble");
+    assert_eq!(
+        evaluated.evaluations[1].parameters,
+        2 * member.arch.parameter_count() as u64
+    );
+    assert_eq!(evaluated.evaluations[1].checkpoint, result.checkpoint);
+
+    // A missing checkpoint is the task's fault; a stop is a stop.
+    let missing = plan(
+        TaskWork::FineTune {
+            method: fusion::Method::Average,
+        },
+        Job::FineTune {
+            config: config(1000),
+            init: "runs/run-1/fused/nope.safetensors".into(),
+            teachers: Vec::new(),
+        },
+    );
+    let err = run(&env, &missing.to_wire(), &control).0.unwrap_err();
+    assert!(
+        matches!(&err, TaskError::Fatal(m) if m == "object `runs/run-1/fused/nope.safetensors` does not exist"),
+        "{err:?}"
+    );
+    control.stop(StopReason::Cancelled);
+    let err = run(&env, &member.to_wire(), &control).0.unwrap_err();
+    assert!(
+        matches!(err, TaskError::Stopped(StopReason::Cancelled)),
+        "{err:?}"
+    );
+}
