@@ -24,6 +24,21 @@ fn member(arch: &Architecture, seed: i64) -> StateDict {
         .unwrap()
 }
 
+/// A LeNet member whose metadata records another network (average instead
+/// of max pooling): its tensors fit `lenet` exactly.
+fn recorded_as_avgpool_lenet(lenet: &Architecture, seed: i64) -> StateDict {
+    let mut other = member(lenet, seed);
+    let mut spec = lenet.spec().clone();
+    spec.name = "lenet-avgpool".into();
+    spec.nodes[2].op = fusion::arch::Op::AvgPool2d {
+        kernel: 2,
+        stride: None,
+        padding: 0,
+    };
+    other.set_arch(&spec);
+    other
+}
+
 fn guarded() -> FuseOptions {
     FuseOptions {
         guard: GuardMode::Always,
@@ -66,15 +81,7 @@ fn members_of_other_shapes_or_architectures_are_refused() {
 
     // Same parameter names and shapes as lenet but recorded as another architecture.
     let lenet = arch("lenet");
-    let mut other = member(&lenet, 3);
-    let mut spec = lenet.spec().clone();
-    spec.name = "lenet-avgpool".into();
-    spec.nodes[2].op = fusion::arch::Op::AvgPool2d {
-        kernel: 2,
-        stride: None,
-        padding: 0,
-    };
-    other.set_arch(&spec);
+    let other = recorded_as_avgpool_lenet(&lenet, 3);
     let err = fuse(
         Method::Nt,
         &lenet,
@@ -210,16 +217,7 @@ fn a_checkpoint_header_alone_shows_truncation_and_mismatches() {
     );
     // Tensors that fit, recorded as another network: refused from the header.
     let lenet = arch("lenet");
-    let mut other = member(&lenet, 3);
-    let mut spec = lenet.spec().clone();
-    spec.name = "lenet-avgpool".into();
-    spec.nodes[2].op = fusion::arch::Op::AvgPool2d {
-        kernel: 2,
-        stride: None,
-        padding: 0,
-    };
-    other.set_arch(&spec);
-    let recorded = checkpoint::to_bytes(&other).unwrap();
+    let recorded = checkpoint::to_bytes(&recorded_as_avgpool_lenet(&lenet, 3)).unwrap();
     let err = check_header(&recorded, &lenet).unwrap_err().to_string();
     assert!(
         err.contains("m.safetensors") && err.contains("records architecture `lenet-avgpool`"),

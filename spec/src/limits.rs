@@ -29,7 +29,7 @@ impl Default for Limits {
             max_parameters: 1_000_000_000,
             max_activation_bytes: 32 << 30,
             max_members: crate::defaults::MAX_MEMBERS,
-            max_epochs: 10_000,
+            max_epochs: 1_000_000,
             max_data_bytes: 16 << 30,
         }
     }
@@ -178,7 +178,7 @@ mod tests {
         assert!(e.message.contains("--max-data-bytes"), "{e}");
         let e = limits
             .check(&plan(
-                "architecture: mlp\nmembers: {count: 2, training: {epochs: 100000}}\n",
+                "architecture: mlp\nmembers: {count: 2, training: {epochs: 2000000}}\n",
             ))
             .unwrap_err();
         assert_eq!(e.field, "members.training.epochs");

@@ -460,7 +460,7 @@ async fn a_run_over_a_limit_is_refused_at_submission_and_nothing_is_stored() {
     let (c, _store) = coordinator().await;
     let e = c
         .submit(
-            spec("members: {count: 2, training: {epochs: 1000000}}\n"),
+            spec("members: {count: 2, training: {epochs: 2000000}}\n"),
             String::new(),
         )
         .await
