@@ -130,7 +130,7 @@ impl pb::worker_service_server::WorkerService for WorkerService {
         let r = req.into_inner();
         Ok(Response::new(
             self.coordinator
-                .register(&r.name, r.capabilities.unwrap_or_default())
+                .register(&r.name, r.capabilities.unwrap_or_default(), &r.worker_id)
                 .await?,
         ))
     }

@@ -505,6 +505,7 @@ pub fn register_request(name: &str, gpus: u32) -> pb::RegisterWorkerRequest {
             ..Default::default()
         }),
         version: "test".into(),
+        ..Default::default()
     }
 }
 

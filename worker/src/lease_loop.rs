@@ -54,6 +54,7 @@ impl Worker {
                 cpu_threads: args.threads.unwrap_or(0) as u32,
             }),
             version: env!("CARGO_PKG_VERSION").into(),
+            worker_id: String::new(),
         };
         let link = Link::new(link::connect(&args)?, registration, Patience::default());
         Ok(Arc::new(Worker {

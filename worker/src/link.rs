@@ -117,8 +117,12 @@ impl Link {
 
     async fn try_register(&self, shutdown: &CancellationToken) -> Result<(), LinkError> {
         let r = self
-            .call(Call::Register, Some(shutdown), |mut c, _| {
-                let req = self.registration.clone();
+            .call(Call::Register, Some(shutdown), |mut c, previous| {
+                // Registering again, it asks for its old id: its leases stay its own.
+                let req = pb::RegisterWorkerRequest {
+                    worker_id: previous,
+                    ..self.registration.clone()
+                };
                 async move { c.register_worker(req).await }
             })
             .await?;

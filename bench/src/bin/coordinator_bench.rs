@@ -48,6 +48,7 @@ fn register(name: &str) -> pb::RegisterWorkerRequest {
             ..Default::default()
         }),
         version: "bench".into(),
+        ..Default::default()
     }
 }
 

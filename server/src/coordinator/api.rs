@@ -68,10 +68,14 @@ pub trait RunApi {
 /// The worker-facing operations (the `WorkerService` contract).
 #[allow(async_fn_in_trait)]
 pub trait WorkerApi {
+    /// Registers a worker. `previous` is the id it had before this
+    /// coordinator forgot it (empty for a new worker): it keeps that id, and
+    /// with it the leases it holds, unless another registered worker has it.
     async fn register(
         &self,
         name: &str,
         capabilities: pb::WorkerCapabilities,
+        previous: &str,
     ) -> Result<pb::RegisterWorkerResponse>;
     /// Waits up to `wait` for a task this worker can run.
     async fn lease(&self, worker_id: &str, wait: Duration) -> Result<Option<pb::Task>>;

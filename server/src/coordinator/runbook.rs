@@ -202,6 +202,21 @@ impl Runbook {
         Ok(i)
     }
 
+    /// As [`Runbook::check`], and the attempt must be held by `worker`: a
+    /// worker cannot heartbeat, report or deliver for another's lease.
+    pub fn check_held_by(
+        &self,
+        local: &str,
+        attempt: u32,
+        worker: &str,
+    ) -> std::result::Result<usize, pb::TaskDirective> {
+        let i = self.check(local, attempt)?;
+        if self.doc.tasks[i].worker_id != worker {
+            return Err(pb::TaskDirective::LeaseLost);
+        }
+        Ok(i)
+    }
+
     /// Where an accepted result of task `i` goes (training and fine-tuning).
     pub fn canonical_key(&self, i: usize) -> Option<String> {
         let run = &self.doc.run_id;

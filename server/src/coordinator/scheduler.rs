@@ -199,6 +199,10 @@ impl Scheduler {
         self.workers.len()
     }
 
+    pub fn is_registered(&self, worker: &str) -> bool {
+        self.workers.contains_key(worker)
+    }
+
     pub fn is_leased(&self, task: &str) -> bool {
         self.leases.contains_key(task)
     }

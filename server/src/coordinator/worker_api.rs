@@ -18,6 +18,15 @@ fn run_of(task_id: &str) -> &str {
     parse_task_id(task_id).map_or("", |(run, _)| run)
 }
 
+/// A worker id this coordinator could have given out: short, printable.
+fn valid_worker_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 fn lease_lost(task_id: &str, attempt: u32) -> CoordinatorError {
     CoordinatorError::FailedPrecondition(format!(
         "task `{task_id}` attempt {attempt} no longer holds its lease"
@@ -29,14 +38,22 @@ impl WorkerApi for Coordinator {
         &self,
         name: &str,
         capabilities: pb::WorkerCapabilities,
+        previous: &str,
     ) -> Result<pb::RegisterWorkerResponse> {
-        let id = format!(
-            "{}-{}",
-            if name.is_empty() { "worker" } else { name },
-            &layout::new_run_id()[17..]
-        );
-        info!(worker_id = %id, gpus = capabilities.gpus, slots = capabilities.slots, "worker registered");
-        lock(&self.scheduler).register(&id, capabilities, Instant::now());
+        let mut sched = lock(&self.scheduler);
+        let reclaim = valid_worker_id(previous) && !sched.is_registered(previous);
+        let id = if reclaim {
+            previous.to_string()
+        } else {
+            format!(
+                "{}-{}",
+                if name.is_empty() { "worker" } else { name },
+                &layout::new_run_id()[17..]
+            )
+        };
+        info!(worker_id = %id, gpus = capabilities.gpus, slots = capabilities.slots, again = reclaim, "worker registered");
+        sched.register(&id, capabilities, Instant::now());
+        drop(sched);
         self.update_gauges();
         Ok(pb::RegisterWorkerResponse {
             worker_id: id,
@@ -119,7 +136,9 @@ impl WorkerApi for Coordinator {
             let held = parse_task_id(&t.task_id)
                 .and_then(|(run, local)| Some((self.slot(run)?, local)))
                 .map_or(Err(pb::TaskDirective::LeaseLost), |(slot, local)| {
-                    lock(&slot.book).check(local, t.attempt).map(|_| ())
+                    lock(&slot.book)
+                        .check_held_by(local, t.attempt, worker_id)
+                        .map(|_| ())
                 });
             let directive = match held {
                 Ok(()) => {
@@ -160,9 +179,29 @@ impl WorkerApi for Coordinator {
                 .then(|| (req.checkpoint.clone(), req.checkpoint_epoch)),
             epoch: req.epoch.as_ref().map(CurvePoint::from),
         };
+        if let Some(slot) = self.slot(run_id) {
+            let held = lock(&slot.book).check_held_by(local, req.attempt, worker_id);
+            match held {
+                Ok(i) => {
+                    if let Some((key, _)) = &report.checkpoint {
+                        let prefix =
+                            format!("{}/", lock(&slot.book).attempt_prefix(i, req.attempt));
+                        self.check_output(key, &prefix, "checkpoint").await?;
+                    }
+                }
+                Err(directive) => return Ok(directive),
+            }
+        }
         let directive = self
             .commit(run_id, |book| {
                 let mut effects = Vec::new();
+                if let Err(directive) = book.check_held_by(local, req.attempt, worker_id) {
+                    return Ok(Step {
+                        value: directive,
+                        effects,
+                        durable: false,
+                    });
+                }
                 Ok(
                     match book.progress(local, req.attempt, report, now_ms(), &mut effects) {
                         Ok(durable) => Step {
@@ -200,7 +239,7 @@ impl WorkerApi for Coordinator {
         // Validate first, copy the attempt's output to its canonical key, then accept.
         let (canonical, prefix) = {
             let book = lock(&slot.book);
-            let i = book.check(local, attempt).map_err(|d| match d {
+            let i = book.check_held_by(local, attempt, worker_id).map_err(|d| match d {
                 pb::TaskDirective::Cancel => CoordinatorError::FailedPrecondition(format!(
                     "task `{task_id}`: the run was cancelled"
                 )),
@@ -211,19 +250,12 @@ impl WorkerApi for Coordinator {
             (book.canonical_key(i), book.attempt_prefix(i, attempt))
         };
         if let Some(dest) = &canonical {
-            let expected_prefix = format!("{prefix}/");
-            if !result.checkpoint.starts_with(&expected_prefix) {
-                return Err(CoordinatorError::InvalidArgument(format!(
-                    "result checkpoint `{}` is not under this attempt's prefix `{expected_prefix}`",
-                    result.checkpoint
-                )));
-            }
-            if !self.storage.exists(&result.checkpoint).await? {
-                return Err(CoordinatorError::NotFound(format!(
-                    "result checkpoint `{}` does not exist",
-                    result.checkpoint
-                )));
-            }
+            self.check_output(
+                &result.checkpoint,
+                &format!("{prefix}/"),
+                "result checkpoint",
+            )
+            .await?;
             self.storage.copy(&result.checkpoint, dest).await?;
         }
         let delivery = Delivery {
@@ -233,6 +265,8 @@ impl WorkerApi for Coordinator {
         };
         self.commit(run_id, |book| {
             // The lease may have been lost while copying: then this refuses.
+            book.check_held_by(local, attempt, worker_id)
+                .map_err(|_| lease_lost(task_id, attempt))?;
             let effects = book.complete(local, attempt, delivery, now_ms())?;
             Ok(Step::stored((), effects))
         })
@@ -256,9 +290,30 @@ impl WorkerApi for Coordinator {
         }
         warn!(error, retryable, "task attempt failed");
         self.commit(run_id, |book| {
+            book.check_held_by(local, attempt, worker_id)
+                .map_err(|_| lease_lost(task_id, attempt))?;
             let effects = book.fail(local, attempt, error, retryable, now_ms())?;
             Ok(Step::stored((), effects))
         })
         .await
+    }
+}
+
+impl Coordinator {
+    /// An object a worker names as its output must lie under its attempt's
+    /// own prefix and exist: a worker cannot make the run adopt another
+    /// attempt's or another run's objects.
+    async fn check_output(&self, key: &str, prefix: &str, what: &str) -> Result<()> {
+        if !key.starts_with(prefix) {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "{what} `{key}` is not under this attempt's prefix `{prefix}`"
+            )));
+        }
+        if !self.storage.exists(key).await? {
+            return Err(CoordinatorError::NotFound(format!(
+                "{what} `{key}` does not exist"
+            )));
+        }
+        Ok(())
     }
 }

@@ -256,6 +256,13 @@ fn results_and_reports_of_a_stale_attempt_are_refused() {
     assert_eq!(task_state(&book, "member-0"), TaskState::Succeeded);
     // A task that does not exist is a lost lease too.
     assert_eq!(book.check("member-9", 1), Err(pb::TaskDirective::LeaseLost));
+    // An attempt is held by the worker that leased it, and by no other.
+    book.lease("member-1", "w", 7_000).unwrap();
+    assert_eq!(book.check_held_by("member-1", 1, "w"), Ok(1));
+    assert_eq!(
+        book.check_held_by("member-1", 1, "x"),
+        Err(pb::TaskDirective::LeaseLost)
+    );
 }
 
 #[test]

@@ -71,7 +71,7 @@ fn is_outage(e: &CoordinatorError) -> bool {
 async fn with_run() -> (Arc<Coordinator>, Arc<FailingStore>, String, String) {
     let (c, store) = coordinator().await;
     let worker = c
-        .register("w", pb::WorkerCapabilities::default())
+        .register("w", pb::WorkerCapabilities::default(), "")
         .await
         .unwrap()
         .worker_id;
@@ -174,6 +174,17 @@ async fn a_document_written_by_another_coordinator_is_a_conflict() {
     );
 }
 
+/// Stores an epoch state under the attempt's prefix, as a worker would,
+/// and returns its key.
+async fn epoch_state(c: &Coordinator, task: &pb::Task) -> String {
+    let key = format!("{}/epoch-0001.state.safetensors", task.output_prefix);
+    c.storage()
+        .put(&key, Bytes::from_static(b"state"))
+        .await
+        .unwrap();
+    key
+}
+
 /// Leases member 0 and returns its task.
 async fn leased(c: &Coordinator, worker: &str) -> pb::Task {
     c.lease(worker, Duration::from_millis(10))
@@ -191,7 +202,7 @@ async fn a_progress_report_whose_write_fails_changes_nothing() {
     let report = pb::ReportProgressRequest {
         task_id: task.task_id.clone(),
         attempt: 1,
-        checkpoint: format!("{}/epoch-0001.state.safetensors", task.output_prefix),
+        checkpoint: epoch_state(&c, &task).await,
         checkpoint_epoch: 1,
         progress: Some(pb::TaskProgress {
             epoch: 1,
@@ -338,7 +349,7 @@ async fn a_diverged_run_is_stored_readably_and_survives_a_restart() {
     let report = pb::ReportProgressRequest {
         task_id: task.task_id.clone(),
         attempt: 1,
-        checkpoint: format!("{}/epoch-0001.state.safetensors", task.output_prefix),
+        checkpoint: epoch_state(&c, &task).await,
         checkpoint_epoch: 1,
         progress: Some(pb::TaskProgress {
             loss: f64::NAN,
@@ -472,4 +483,99 @@ async fn a_run_over_a_limit_is_refused_at_submission_and_nothing_is_stored() {
     assert_eq!(e.code(), nt_proto::tonic::Code::InvalidArgument);
     let (runs, _) = c.list(0, "", pb::RunState::Unspecified).await.unwrap();
     assert!(runs.is_empty());
+}
+
+#[tokio::test]
+async fn a_lease_is_bound_to_its_worker_and_outputs_to_its_attempts_prefix() {
+    let (c, _store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let intruder = c
+        .register("x", pb::WorkerCapabilities::default(), "")
+        .await
+        .unwrap()
+        .worker_id;
+    let before = memory(&c, &run_id).await;
+    // Another worker cannot deliver, report or fail for this attempt ...
+    let model = format!("{}/model.safetensors", task.output_prefix);
+    c.storage()
+        .put(&model, Bytes::from_static(b"weights"))
+        .await
+        .unwrap();
+    let result = pb::TaskResult {
+        checkpoint: model.clone(),
+        ..Default::default()
+    };
+    let e = c
+        .complete(&intruder, &task.task_id, 1, result.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoordinatorError::FailedPrecondition(_)), "{e}");
+    let e = c
+        .fail(&intruder, &task.task_id, 1, "nope", false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CoordinatorError::FailedPrecondition(_)), "{e}");
+    let report = |checkpoint: String| pb::ReportProgressRequest {
+        task_id: task.task_id.clone(),
+        attempt: 1,
+        checkpoint,
+        checkpoint_epoch: 1,
+        ..Default::default()
+    };
+    let directive = c.progress(&intruder, report(model.clone())).await.unwrap();
+    assert_eq!(directive, pb::TaskDirective::LeaseLost);
+    let lease = pb::TaskLease {
+        task_id: task.task_id.clone(),
+        attempt: 1,
+    };
+    let reply = c
+        .heartbeat(&intruder, std::slice::from_ref(&lease))
+        .await
+        .unwrap();
+    assert_eq!(reply[0].directive, pb::TaskDirective::LeaseLost as i32);
+    assert_eq!(memory(&c, &run_id).await, before);
+    // ... and its own worker cannot name objects outside its attempt's prefix.
+    let foreign = "runs/other/members/0.safetensors".to_string();
+    let e = c.progress(&worker, report(foreign)).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::InvalidArgument(_)), "{e}");
+    let missing = format!("{}/epoch-0009.state.safetensors", task.output_prefix);
+    let e = c.progress(&worker, report(missing)).await.unwrap_err();
+    assert!(matches!(e, CoordinatorError::NotFound(_)), "{e}");
+    assert_eq!(memory(&c, &run_id).await, before);
+    c.complete(&worker, &task.task_id, 1, result).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_registering_again_keeps_its_id_unless_another_has_it() {
+    let (c, _store, run_id, worker) = with_run().await;
+    let task = leased(&c, &worker).await;
+    let storage = c.storage().clone();
+    let again = Coordinator::start(
+        storage,
+        CoordinatorConfig::default(),
+        Metrics::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let caps = pb::WorkerCapabilities::default;
+    let back = again
+        .register("w", caps(), &worker)
+        .await
+        .unwrap()
+        .worker_id;
+    assert_eq!(back, worker, "the restarted coordinator gives the id back");
+    let other = again
+        .register("w", caps(), &worker)
+        .await
+        .unwrap()
+        .worker_id;
+    assert_ne!(other, worker, "a live id is never given twice");
+    let lease = pb::TaskLease {
+        task_id: task.task_id.clone(),
+        attempt: 1,
+    };
+    let reply = again.heartbeat(&back, &[lease]).await.unwrap();
+    assert_eq!(reply[0].directive, pb::TaskDirective::Continue as i32);
+    assert!(!again.get(&run_id).await.unwrap().tasks.is_empty());
 }
