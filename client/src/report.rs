@@ -124,14 +124,10 @@ fn group(n: u64) -> String {
     out
 }
 
+/// The state as run specs, JSON output and the progress view spell it
+/// (`fine-tuning`).
 fn state_name(run: &pb::Run) -> String {
-    pb::RunState::try_from(run.state)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("RUN_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_default()
+    nt_proto::enum_names::run_state::name(run.state).unwrap_or_default()
 }
 
 /// The report as an aligned text table with a one-line verdict.
@@ -423,6 +419,20 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn states_are_spelt_as_everywhere_else() {
+        let run = pb::Run {
+            run_id: "run-1".into(),
+            state: pb::RunState::FineTuning as i32,
+            ..Default::default()
+        };
+        assert!(
+            text(&run).starts_with("run run-1 (): fine-tuning"),
+            "{}",
+            text(&run)
+        );
     }
 
     #[test]
