@@ -93,9 +93,16 @@ pub async fn connect(args: &ConnectArgs) -> Result<RunClient> {
 /// A gRPC error as a sentence for people, with what to do about it.
 pub fn explain(status: &nt_proto::tonic::Status) -> String {
     use nt_proto::tonic::Code;
+    // An outage the coordinator itself reports (its object store, say) is
+    // not a connection problem: only a failed connection gets the hint.
+    let message = status.message().to_lowercase();
+    let connection = ["connect", "transport", "connection", "broken pipe", "dns"]
+        .iter()
+        .any(|w| message.contains(w))
+        || message.is_empty();
     let hint = match status.code() {
         Code::Unauthenticated => " (check --token or NT_TOKEN)",
-        Code::Unavailable => " (is the coordinator up? check --endpoint)",
+        Code::Unavailable if connection => " (is the coordinator up? check --endpoint)",
         // What a plain-text client sees from a TLS port.
         _ if status.message().contains("h2 protocol error") => {
             " (does the coordinator serve TLS? then use an https:// endpoint)"
@@ -103,4 +110,23 @@ pub fn explain(status: &nt_proto::tonic::Status) -> String {
         _ => "",
     };
     format!("{:?}: {}{hint}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nt_proto::tonic::Status;
+
+    #[test]
+    fn only_a_failed_connection_is_blamed_on_the_endpoint() {
+        let down = explain(&Status::unavailable(
+            "error trying to connect: tcp connect error",
+        ));
+        assert!(down.contains("is the coordinator up?"), "{down}");
+        let disk = explain(&Status::unavailable(
+            "object store: Generic LocalFileSystem error: No space left on device",
+        ));
+        assert!(!disk.contains("is the coordinator up?"), "{disk}");
+        assert!(disk.contains("No space left"), "{disk}");
+    }
 }
