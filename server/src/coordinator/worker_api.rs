@@ -162,16 +162,26 @@ impl WorkerApi for Coordinator {
         worker_id: &str,
         req: pb::ReportProgressRequest,
     ) -> Result<pb::TaskDirective> {
-        let Some((run_id, local)) = parse_task_id(&req.task_id) else {
+        let Some((run_id, local, slot)) = parse_task_id(&req.task_id)
+            .and_then(|(run, local)| Some((run, local, self.slot(run)?)))
+        else {
             return Ok(pb::TaskDirective::LeaseLost);
         };
-        if self.slot(run_id).is_none() {
-            return Ok(pb::TaskDirective::LeaseLost);
-        }
+        let prefix = {
+            let book = lock(&slot.book);
+            match book.check_held_by(local, req.attempt, worker_id) {
+                Ok(i) => format!("{}/", book.attempt_prefix(i, req.attempt)),
+                Err(directive) => return Ok(directive),
+            }
+        };
         // The last training throughput (evaluations report none).
         if let Some(p) = req.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
             self.metrics
                 .set_samples_per_second(worker_id, p.samples_per_second);
+        }
+        if !req.checkpoint.is_empty() {
+            self.check_output(&req.checkpoint, &prefix, "checkpoint")
+                .await?;
         }
         let report = Report {
             progress: req.progress.as_ref().map(Progress::from),
@@ -179,19 +189,6 @@ impl WorkerApi for Coordinator {
                 .then(|| (req.checkpoint.clone(), req.checkpoint_epoch)),
             epoch: req.epoch.as_ref().map(CurvePoint::from),
         };
-        if let Some(slot) = self.slot(run_id) {
-            let held = lock(&slot.book).check_held_by(local, req.attempt, worker_id);
-            match held {
-                Ok(i) => {
-                    if let Some((key, _)) = &report.checkpoint {
-                        let prefix =
-                            format!("{}/", lock(&slot.book).attempt_prefix(i, req.attempt));
-                        self.check_output(key, &prefix, "checkpoint").await?;
-                    }
-                }
-                Err(directive) => return Ok(directive),
-            }
-        }
         let directive = self
             .commit(run_id, |book| {
                 let mut effects = Vec::new();
