@@ -42,6 +42,23 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
     (c, store)
 }
 
+/// A second coordinator on `c`'s store, as after a restart (sweeps are left
+/// to the tests).
+async fn restarted(c: &Coordinator) -> Arc<Coordinator> {
+    let config = CoordinatorConfig {
+        sweep_interval: Duration::from_secs(3600),
+        ..CoordinatorConfig::default()
+    };
+    Coordinator::start(
+        c.storage().clone(),
+        config,
+        Metrics::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Everything a failed write must leave as it was.
 #[derive(Debug, PartialEq)]
 struct Memory {
@@ -321,16 +338,7 @@ async fn an_expiry_whose_write_fails_is_found_again_by_the_next_sweep() {
 async fn a_restarted_coordinator_carries_on_from_the_stored_documents() {
     let (c, store, run_id, worker) = with_run().await;
     let task = leased(&c, &worker).await;
-    let storage = c.storage().clone();
-    drop(c);
-    let config = CoordinatorConfig {
-        lease_ttl: Duration::from_secs(4),
-        sweep_interval: Duration::from_secs(3600),
-        ..CoordinatorConfig::default()
-    };
-    let again = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
-        .await
-        .unwrap();
+    let again = restarted(&c).await;
     let m = memory(&again, &run_id).await;
     assert_eq!(
         m.leases,
@@ -366,15 +374,7 @@ async fn a_diverged_run_is_stored_readably_and_survives_a_restart() {
         ..Default::default()
     };
     c.progress(&worker, report).await.unwrap();
-    let storage = c.storage().clone();
-    let again = Coordinator::start(
-        storage,
-        CoordinatorConfig::default(),
-        Metrics::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let again = restarted(&c).await;
     let run = again.get(&run_id).await.unwrap();
     let progress = run.tasks[0].progress.unwrap();
     assert!(progress.loss.is_nan() && progress.eval_accuracy.unwrap().is_nan());
@@ -403,15 +403,7 @@ async fn a_watcher_gets_the_final_event_after_a_restart_with_a_higher_number() {
     }
     let (seen, _) = c.watch(&run_id, 0).await.unwrap();
     let last = seen.last().unwrap().sequence;
-    let storage = c.storage().clone();
-    let again = Coordinator::start(
-        storage,
-        CoordinatorConfig::default(),
-        Metrics::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let again = restarted(&c).await;
     // The watcher reconnects after what it saw and follows the run to its end.
     let (past, live) = again.watch(&run_id, last).await.unwrap();
     assert_eq!(past.len(), 1, "where the run is now");
@@ -549,15 +541,7 @@ async fn a_lease_is_bound_to_its_worker_and_outputs_to_its_attempts_prefix() {
 async fn a_worker_registering_again_keeps_its_id_unless_another_has_it() {
     let (c, _store, run_id, worker) = with_run().await;
     let task = leased(&c, &worker).await;
-    let storage = c.storage().clone();
-    let again = Coordinator::start(
-        storage,
-        CoordinatorConfig::default(),
-        Metrics::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let again = restarted(&c).await;
     let caps = pb::WorkerCapabilities::default;
     let back = again
         .register("w", caps(), &worker)
