@@ -362,6 +362,48 @@ fn distillation_from_teachers_trains_and_progress_can_stop_a_run() {
 }
 
 #[test]
+fn a_stop_is_honoured_between_steps_without_waiting_for_a_report() {
+    let _serial = serial();
+    let (tr, _) = synthetic([1, 8, 8]);
+    let arch = Architecture::new(preset("mlp:input=1x8x8,hidden=16,depth=1").unwrap()).unwrap();
+    /// Asks to stop once it has been asked `after` times; counts reports.
+    struct StopBetweenSteps {
+        after: usize,
+        asked: std::cell::Cell<usize>,
+        reports: usize,
+    }
+    impl TrainHooks for StopBetweenSteps {
+        fn progress(&mut self, _: &Progress) -> Control {
+            self.reports += 1;
+            Control::Continue
+        }
+        fn stop_requested(&self) -> bool {
+            self.asked.set(self.asked.get() + 1);
+            self.asked.get() >= self.after
+        }
+    }
+    let mut hooks = StopBetweenSteps {
+        after: 3,
+        asked: std::cell::Cell::new(0),
+        reports: 0,
+    };
+    // Reports only every 1,000 steps: the stop cannot come from a report.
+    let cfg = TrainConfig {
+        log_every: 1000,
+        batch_size: 32,
+        ..config(5)
+    };
+    let mut net = init_network(&arch, Device::Cpu, 2).unwrap();
+    let out = train(&mut net, &cfg, &tr, None, &[], None, &mut hooks).unwrap();
+    assert!(out.stopped);
+    assert_eq!(
+        (hooks.asked.get(), hooks.reports),
+        (3, 0),
+        "stopped after the third step"
+    );
+}
+
+#[test]
 fn a_fashion_mnist_subset_is_learned() {
     let _serial = serial();
     let spec = DataSpec {

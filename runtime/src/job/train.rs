@@ -87,7 +87,17 @@ pub fn run_training(job: &TrainJob, io: &dyn JobIo, hooks: &mut dyn JobHooks) ->
         }
     };
     let recorded = init.as_ref().and_then(recorded_normalization);
+    // A stop is honoured between the steps of a long set-up, too.
+    let stop_point = |hooks: &dyn JobHooks| {
+        if hooks.should_stop() {
+            Err(RuntimeError::Stopped)
+        } else {
+            Ok(())
+        }
+    };
+    stop_point(&*hooks)?;
     let data = prepare(io, &job.data, &arch, device, recorded)?;
+    stop_point(&*hooks)?;
     let (mut net, before) = match &init {
         None => (train::init_network(&arch, device, job.config.seed)?, None),
         Some(state) => {
@@ -108,6 +118,7 @@ pub fn run_training(job: &TrainJob, io: &dyn JobIo, hooks: &mut dyn JobHooks) ->
         Some(key) => Some(train::train_state_from_bytes(key, io.read(key)?)?),
         None => None,
     };
+    stop_point(&*hooks)?;
     hooks.started(&Started {
         arch: &arch,
         data: &data,
@@ -182,6 +193,10 @@ struct Driver<'a> {
 }
 
 impl TrainHooks for Driver<'_> {
+    fn stop_requested(&self) -> bool {
+        self.hooks.should_stop()
+    }
+
     fn progress(&mut self, progress: &Progress) -> Control {
         self.hooks.progress(progress);
         if self.hooks.should_stop() {

@@ -88,6 +88,13 @@ pub trait TrainHooks {
         Control::Continue
     }
 
+    /// Asked after every step: true ends the training at once (as
+    /// `Control::Stop` from a report would), so a cancellation does not wait
+    /// for the next progress report.
+    fn stop_requested(&self) -> bool {
+        false
+    }
+
     /// Called after each epoch with a way to take the state to checkpoint.
     fn epoch_end(&mut self, _epoch: usize, _state: &dyn Fn() -> Result<TrainState>) -> Result<()> {
         Ok(())
@@ -264,6 +271,10 @@ pub fn train(
                 let _ = correct.f_add_(&batch_correct)?;
             }
             window_samples += n;
+            if hooks.stop_requested() {
+                stopped = true;
+                break;
+            }
             let last = step + 1 == steps;
             if (step + 1) % log_every == 0 || last {
                 // The only host synchronisation: once per report.
