@@ -9,6 +9,7 @@
 //! runs/<run>/tasks/<task>/attempt-<n>/epoch-<e>.state.safetensors   resumable epoch states
 //! runs/<run>/tasks/<task>/attempt-<n>/model.safetensors             an attempt's final model
 //! requests/<hex of the request id>.json              idempotency: request id -> run id
+//! coordinator/lease.json                             the store lease: which coordinator writes
 //! ```
 
 pub fn run_prefix(run: &str) -> String {
@@ -46,6 +47,11 @@ pub fn epoch_state(prefix: &str, epoch: usize) -> String {
 
 pub fn attempt_model(prefix: &str) -> String {
     format!("{prefix}/model.safetensors")
+}
+
+/// The store lease: which coordinator may write to this store.
+pub fn coordinator_lease() -> String {
+    "coordinator/lease.json".into()
 }
 
 /// Request ids up to this many bytes name their record in hex, as they

@@ -19,6 +19,11 @@ pub struct SchedulerArgs {
     /// How often workers heartbeat.
     #[arg(long, env = "NT_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
     pub heartbeat_interval_ms: u64,
+    /// The store lease's time to live: one coordinator per store. A second
+    /// one waits this long before taking over from a holder that stopped
+    /// renewing (a crashed coordinator), and is refused if it renews.
+    #[arg(long, env = "NT_STORE_LEASE_TTL_MS", default_value_t = 15_000)]
+    pub store_lease_ttl_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -61,6 +66,7 @@ impl SchedulerArgs {
             lease_ttl: Duration::from_millis(self.lease_ttl_ms.max(100)),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms.max(50)),
             limits: self.limits.limits(),
+            store_lease_ttl: Duration::from_millis(self.store_lease_ttl_ms.max(300)),
             ..CoordinatorConfig::default()
         }
     }

@@ -78,9 +78,11 @@ pub async fn serve(
         .build_v1()?;
 
     if let Some(l) = metrics_listener {
+        let c = coordinator.clone();
         tokio::spawn(metrics::serve(
             coordinator.metrics().clone(),
             l,
+            move || c.store_error(),
             shutdown.clone(),
         ));
     }

@@ -28,7 +28,21 @@ async fn main() -> Result<()> {
         )
     };
     let coordinator = nt_server::start_coordinator(&args, shutdown.clone()).await?;
-    nt_server::serve(&args, coordinator, listener, metrics_listener, shutdown).await
+    let served = nt_server::serve(
+        &args,
+        coordinator.clone(),
+        listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await;
+    coordinator.close().await;
+    // A coordinator that lost the store to another exits with an error, so
+    // an orchestrator sees it.
+    if let Some(why) = coordinator.lease_lost() {
+        anyhow::bail!("{why}");
+    }
+    served
 }
 
 /// SIGTERM or SIGINT start a graceful shutdown.

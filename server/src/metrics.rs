@@ -16,6 +16,8 @@ pub struct Metrics {
     runs: IntGaugeVec,
     tasks: IntGaugeVec,
     pub workers: IntGauge,
+    /// 1 while the object store answers the coordinator (its lease renewals).
+    pub store_up: IntGauge,
     pub lease_expiries: IntCounter,
     pub leases: IntCounter,
     pub runs_submitted: IntCounter,
@@ -54,6 +56,10 @@ impl Metrics {
             &["state"],
         ));
         let workers = must(IntGauge::new("nt_workers", "Registered workers"));
+        let store_up = must(IntGauge::new(
+            "nt_store_up",
+            "1 while the object store answers the coordinator, 0 while it does not",
+        ));
         let lease_expiries = must(IntCounter::new(
             "nt_lease_expiries_total",
             "Leases that expired without a heartbeat",
@@ -93,6 +99,7 @@ impl Metrics {
             Box::new(runs.clone()),
             Box::new(tasks.clone()),
             Box::new(workers.clone()),
+            Box::new(store_up.clone()),
             Box::new(lease_expiries.clone()),
             Box::new(leases.clone()),
             Box::new(runs_submitted.clone()),
@@ -109,6 +116,7 @@ impl Metrics {
             runs,
             tasks,
             workers,
+            store_up,
             lease_expiries,
             leases,
             runs_submitted,
@@ -148,12 +156,29 @@ impl Metrics {
 }
 
 /// Serves `/metrics` (and `/healthz`) on `listener` until `shutdown`.
+/// `/healthz` answers 200 `ok`, or 503 naming the store's error while the
+/// store does not answer (the process is alive either way: the probes of
+/// the deployment use gRPC health, not this).
 pub async fn serve(
     metrics: Metrics,
     listener: tokio::net::TcpListener,
+    store_error: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    use axum::http::StatusCode;
     use axum::routing::get;
+    let health = move || {
+        let store_error = store_error.clone();
+        async move {
+            match store_error() {
+                None => (StatusCode::OK, "ok".to_string()),
+                Some(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("store unavailable: {e}\n"),
+                ),
+            }
+        }
+    };
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -162,7 +187,7 @@ pub async fn serve(
                 async move { m.render() }
             }),
         )
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(health));
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;

@@ -98,6 +98,30 @@ impl Proc {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Freezes the process (SIGSTOP), as a stalled machine would.
+    pub fn freeze(&mut self) {
+        send_signal(self.child.id(), "STOP");
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn thaw(&mut self) {
+        send_signal(self.child.id(), "CONT");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 fn send_signal(pid: u32, signal: &str) {
@@ -219,11 +243,16 @@ pub enum StoreKind {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub seaweed: Option<Seaweed>,
+    /// When set, the binaries reach the S3 server through this proxy.
+    pub proxy: Option<std::sync::Arc<crate::proxy::StoreProxy>>,
     pub server: Option<Proc>,
     pub workers: HashMap<String, Proc>,
     pub port: u16,
     pub lease_ttl_ms: u64,
     pub heartbeat_ms: u64,
+    /// The store lease's time to live: how long a restarted coordinator
+    /// waits for a killed one's lease.
+    pub store_lease_ttl_ms: u64,
     /// Serve /metrics on this port (none: off).
     pub metrics_port: Option<u16>,
     /// More flags for nt-server and nt-worker.
@@ -245,11 +274,13 @@ impl Cluster {
         Cluster {
             dir,
             seaweed,
+            proxy: None,
             server: None,
             workers: HashMap::new(),
             port: free_port(),
             lease_ttl_ms: 2500,
             heartbeat_ms: 300,
+            store_lease_ttl_ms: 1500,
             metrics_port: None,
             server_args: Vec::new(),
             worker_args: vec![
@@ -275,7 +306,10 @@ impl Cluster {
             Some(s) => (
                 vec![
                     "--store=s3://test".into(),
-                    format!("--s3-endpoint=http://127.0.0.1:{}", s.s3_port),
+                    format!(
+                        "--s3-endpoint=http://127.0.0.1:{}",
+                        self.proxy.as_ref().map_or(s.s3_port, |p| p.port)
+                    ),
                     "--s3-allow-http".into(),
                 ],
                 vec![
@@ -286,26 +320,17 @@ impl Cluster {
         }
     }
 
+    /// Puts a [`crate::proxy::StoreProxy`] between the S3 server and the
+    /// processes started from now on.
+    pub fn proxy_store(&mut self) -> std::sync::Arc<crate::proxy::StoreProxy> {
+        let s3_port = self.seaweed.as_ref().expect("an S3 cluster").s3_port;
+        let proxy = std::sync::Arc::new(crate::proxy::StoreProxy::start(s3_port));
+        self.proxy = Some(proxy.clone());
+        proxy
+    }
+
     pub fn start_server(&mut self) {
-        let (args, env) = self.store_args();
-        let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
-        let mut cmd = Command::new(binary("nt-server"));
-        cmd.args(&args)
-            .envs(env)
-            .arg(format!("--listen=127.0.0.1:{}", self.port))
-            .arg(format!(
-                "--metrics-listen={}",
-                self.metrics_port
-                    .map(|p| format!("127.0.0.1:{p}"))
-                    .unwrap_or_default()
-            ))
-            .arg(format!("--client-token={CLIENT_TOKEN}"))
-            .arg(format!("--worker-token={WORKER_TOKEN}"))
-            .arg(format!("--lease-ttl-ms={}", self.lease_ttl_ms))
-            .arg(format!("--heartbeat-interval-ms={}", self.heartbeat_ms))
-            .args(&self.server_args)
-            .env("RUST_LOG", "info");
-        let proc = spawn(&mut cmd, &self.dir.path().join(format!("server-{n}.log")));
+        let proc = self.spawn_server(self.port, self.metrics_port);
         self.server = Some(proc);
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -316,6 +341,31 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts an nt-server on this cluster's store, listening on `port`,
+    /// without waiting for it (a second coordinator, say).
+    pub fn spawn_server(&self, port: u16, metrics_port: Option<u16>) -> Proc {
+        let (args, env) = self.store_args();
+        let n = std::fs::read_dir(self.dir.path()).map_or(0, |d| d.count());
+        let mut cmd = Command::new(binary("nt-server"));
+        cmd.args(&args)
+            .envs(env)
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!(
+                "--metrics-listen={}",
+                metrics_port
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .unwrap_or_default()
+            ))
+            .arg(format!("--client-token={CLIENT_TOKEN}"))
+            .arg(format!("--worker-token={WORKER_TOKEN}"))
+            .arg(format!("--lease-ttl-ms={}", self.lease_ttl_ms))
+            .arg(format!("--heartbeat-interval-ms={}", self.heartbeat_ms))
+            .arg(format!("--store-lease-ttl-ms={}", self.store_lease_ttl_ms))
+            .args(&self.server_args)
+            .env("RUST_LOG", "info");
+        spawn(&mut cmd, &self.dir.path().join(format!("server-{n}.log")))
     }
 
     pub fn kill_server(&mut self) {

@@ -114,6 +114,7 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
     let port = listener.local_addr()?.port();
     let server = tokio::spawn({
         let shutdown = shutdown.clone();
+        let coordinator = coordinator.clone();
         async move { nt_server::serve(&server_args, coordinator, listener, None, shutdown).await }
     });
     let mut worker_flags = vec![
@@ -190,5 +191,7 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
     let _ = worker_task.await;
     shutdown.cancel();
     let _ = server.await;
+    // Released, the next `run --local` on this store starts at once.
+    coordinator.close().await;
     outcome
 }

@@ -26,6 +26,9 @@ pub struct CoordinatorConfig {
     pub lease_retry_backoff: Duration,
     /// What one run may ask of the workers.
     pub limits: nt_spec::Limits,
+    /// How long the store lease lives without a renewal: a second
+    /// coordinator waits this long before taking over from a silent one.
+    pub store_lease_ttl: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -37,6 +40,7 @@ impl Default for CoordinatorConfig {
             sweep_interval: Duration::from_millis(500),
             lease_retry_backoff: Duration::from_secs(1),
             limits: nt_spec::Limits::default(),
+            store_lease_ttl: Duration::from_secs(15),
         }
     }
 }

@@ -245,6 +245,9 @@ pub struct RunDocument {
     /// The coordinator process that stored this revision (set by the store).
     #[serde(default)]
     pub writer: String,
+    /// The store lease's epoch of that writer: a fencing token (set by the store).
+    #[serde(default)]
+    pub epoch: u64,
     pub run_id: String,
     #[serde(default)]
     pub request_id: String,

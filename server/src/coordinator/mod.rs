@@ -10,12 +10,15 @@
 //!   them) with one mutate-then-commit path: a change is applied to a copy
 //!   of the run, the copy is stored, and only then kept and its effects
 //!   performed, so a failed write leaves memory as it was;
+//! * [`lease`]: one coordinator per store: the store lease, renewed with
+//!   conditional puts, and the epoch that fences a former holder's writes;
 //! * [`fusion_step`]: reads the members, fuses them on a blocking thread and
 //!   stores the fused models.
 
 mod api;
 pub mod document;
 pub mod fusion_step;
+pub mod lease;
 mod run_api;
 pub mod runbook;
 pub mod scheduler;

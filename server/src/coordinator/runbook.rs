@@ -91,6 +91,7 @@ impl Runbook {
                 format: FORMAT,
                 revision: 0,
                 writer: String::new(),
+                epoch: 0,
                 run_id: run_id.to_string(),
                 request_id: request_id.to_string(),
                 spec: StoredSpec(spec),

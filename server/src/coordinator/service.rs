@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::api::CoordinatorConfig;
 use super::document::{parse_task_id, RunDocument};
+use super::lease::StoreLease;
 use super::runbook::{Effect, Runbook};
 use super::scheduler::{Queued, Scheduler};
 use super::store::RunStore;
@@ -122,14 +123,36 @@ impl Coordinator {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let store = RunStore::new(storage.clone());
         // The store may still be starting (a fresh bucket, a pod scheduled
-        // before its S3 endpoint): retry for a while before giving up.
+        // before its S3 endpoint): retry for a while before giving up. A
+        // store another coordinator holds is refused at once.
+        let holder = format!("coordinator-{}", &layout::new_run_id()[4..]);
         let mut waited = Duration::ZERO;
-        let docs = loop {
-            match store.load_all().await {
+        let (store, docs) = loop {
+            let attempt = async {
+                let lease = StoreLease::acquire(
+                    storage.clone(),
+                    holder.clone(),
+                    config.store_lease_ttl,
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await?;
+                let store = RunStore::new(storage.clone(), lease);
+                let docs = store.load_all().await;
+                match docs {
+                    Ok(docs) => Ok((store, docs)),
+                    Err(e) => {
+                        store.lease().release().await;
+                        Err(e)
+                    }
+                }
+            };
+            match attempt.await {
                 Ok(r) => break r,
-                Err(e) if waited < Duration::from_secs(60) && !shutdown.is_cancelled() => {
+                Err(CoordinatorError::Unavailable(e))
+                    if waited < Duration::from_secs(60) && !shutdown.is_cancelled() =>
+                {
                     warn!(error = %e, "the object store is not ready; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     waited += Duration::from_millis(500);
@@ -183,6 +206,24 @@ impl Coordinator {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The store's error while it does not answer (for `/healthz`).
+    pub fn store_error(&self) -> Option<String> {
+        let lease = self.store.lease();
+        lease.lost().or_else(|| lease.store_error())
+    }
+
+    /// Why this coordinator lost the store to another, if it did.
+    pub fn lease_lost(&self) -> Option<String> {
+        self.store.lease().lost()
+    }
+
+    /// Ends this coordinator's hold on the store: it stops writing and
+    /// releases the store lease, so the next coordinator starts at once.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
+        self.store.lease().release().await;
     }
 
     pub fn storage(&self) -> &Storage {

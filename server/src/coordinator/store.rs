@@ -7,8 +7,11 @@
 //! it. A write whose outcome was unknown (a timeout: it may land later) is
 //! reconciled at the next save: the conditional update then meets a changed
 //! object, which is re-read; when this process wrote it (every document
-//! names its writer), it is overwritten on its new version, and only a
-//! document of another writer is a conflict. `load_all` returns every readable run document under `runs/` and
+//! names its writer), it is overwritten on its new version; so is one of a
+//! lower epoch (a late write of a coordinator that held the store before,
+//! see [`super::lease`]). A document of a later epoch means this process
+//! lost the store: it stops writing. Nothing is written without holding the
+//! store lease. `load_all` returns every readable run document under `runs/` and
 //! leaves unreadable ones in place, untouched. Errors are the store's (an
 //! outage is `Unavailable` to callers). The coordinator's one
 //! mutate-then-commit path (`super::service`) is the only caller of `save`.
@@ -22,6 +25,7 @@ use nt_common::storage::{Storage, Version, WriteError};
 use object_store::ObjectStore;
 
 use super::document::RunDocument;
+use super::lease::StoreLease;
 use crate::error::{CoordinatorError, Result};
 
 #[derive(Default)]
@@ -32,18 +36,23 @@ struct Written {
 
 pub struct RunStore {
     storage: Storage,
-    /// This process, as named in the documents it writes.
-    id: String,
+    /// This process's hold on the store; it names the documents' writer and
+    /// gives their epoch.
+    lease: Arc<StoreLease>,
     writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Written>>>>,
 }
 
 impl RunStore {
-    pub fn new(storage: Storage) -> Self {
+    pub fn new(storage: Storage, lease: Arc<StoreLease>) -> Self {
         RunStore {
             storage,
-            id: format!("coordinator-{}", &layout::new_run_id()[4..]),
+            lease,
             writers: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn lease(&self) -> &StoreLease {
+        &self.lease
     }
 
     fn writer(&self, run: &str) -> Arc<tokio::sync::Mutex<Written>> {
@@ -54,7 +63,8 @@ impl RunStore {
     /// Stores a document unless a newer revision is already stored.
     pub async fn save(&self, doc: &RunDocument) -> Result<()> {
         let mut doc = doc.clone();
-        doc.writer = self.id.clone();
+        doc.writer = self.lease.holder().to_string();
+        doc.epoch = self.lease.check()?;
         let bytes = doc.to_json().map_err(CoordinatorError::Internal)?;
         // Never store what could not be read back: a run that cannot be
         // loaded after a restart is lost to its clients.
@@ -94,28 +104,43 @@ impl RunStore {
     /// another coordinator wrote. Ours is overwritten on its new version;
     /// another writer's is a conflict.
     async fn reconcile(&self, key: &str, bytes: Bytes) -> Result<Version> {
-        #[derive(serde::Deserialize)]
+        #[derive(serde::Deserialize, Default)]
         struct Writer {
             #[serde(default)]
             writer: String,
+            #[serde(default)]
+            epoch: u64,
         }
         let Some((stored, version)) = self.storage.get(key).await? else {
             return Ok(self.storage.put(key, bytes).await?);
         };
-        let writer = serde_json::from_slice::<Writer>(&stored)
-            .map(|w| w.writer)
-            .unwrap_or_default();
-        if writer != self.id {
-            let who = if writer.is_empty() {
-                "an unknown writer".into()
-            } else {
-                writer
-            };
+        let stored = serde_json::from_slice::<Writer>(&stored).unwrap_or_default();
+        let epoch = self.lease.epoch();
+        if stored.epoch > epoch {
+            let why = format!(
+                "{key} was written by {} at epoch {} after this coordinator's epoch {epoch}: \
+                 another coordinator holds the store",
+                stored.writer, stored.epoch
+            );
+            self.lease.fence(why.clone());
+            return Err(CoordinatorError::Unavailable(why));
+        }
+        if stored.writer == self.lease.holder() {
+            tracing::info!(key, "a write reported failed had landed; writing over it");
+        } else if stored.epoch < epoch {
+            tracing::warn!(key, writer = %stored.writer, epoch = stored.epoch,
+                "a former coordinator's late write landed; writing over it");
+        } else {
             return Err(CoordinatorError::Unavailable(format!(
-                "{key} was changed by {who}: is a second coordinator using this store?"
+                "{key} was changed by {} at this coordinator's own epoch {epoch}: \
+                 is a second coordinator using this store?",
+                if stored.writer.is_empty() {
+                    "an unknown writer"
+                } else {
+                    &stored.writer
+                }
             )));
         }
-        tracing::info!(key, "a write reported failed had landed; writing over it");
         match self.storage.update(key, bytes, &version).await {
             Ok(v) => Ok(v),
             Err(WriteError::Conflict(k)) => Err(CoordinatorError::Unavailable(format!(
@@ -169,6 +194,7 @@ impl RunStore {
     /// Records that a request id created `run`; returns the run that owns the
     /// request id (ours, or one recorded before).
     pub async fn claim_request(&self, request_id: &str, run: &str) -> Result<String> {
+        self.lease.check()?;
         let key = layout::request(request_id);
         match self
             .storage

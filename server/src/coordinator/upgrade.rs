@@ -138,6 +138,7 @@ fn upgrade(bytes: &[u8]) -> Result<RunDocument, String> {
         format: FORMAT,
         revision: old.revision,
         writer: String::new(),
+        epoch: 0,
         run_id: old.run.run_id,
         request_id: old.run.request_id,
         spec: StoredSpec(spec),

@@ -3,6 +3,7 @@
 //! against a store whose writes can be made to fail.
 
 mod failing_store;
+mod lease;
 mod runbook;
 mod service;
 

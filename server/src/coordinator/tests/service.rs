@@ -35,6 +35,7 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
         sweep_interval: Duration::from_secs(3600),
         lease_retry_backoff: Duration::from_millis(50),
         limits: nt_spec::Limits::default(),
+        store_lease_ttl: Duration::from_secs(2),
     };
     let c = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
         .await
@@ -43,8 +44,9 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
 }
 
 /// A second coordinator on `c`'s store, as after a restart (sweeps are left
-/// to the tests).
+/// to the tests): `c` stops and gives the store up first.
 async fn restarted(c: &Coordinator) -> Arc<Coordinator> {
+    c.close().await;
     let config = CoordinatorConfig {
         sweep_interval: Duration::from_secs(3600),
         ..CoordinatorConfig::default()
