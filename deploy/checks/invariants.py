@@ -1,7 +1,8 @@
 """nt's invariants in one rendering of deploy/: one Recreate coordinator and
 its Service, the workers' grace above their own shutdown grace, NT_DEVICE
-consistent with GPU limits, the CronJob's Forbid, every referenced ConfigMap and
-Secret rendered, and the hardening of every container.
+consistent with GPU limits, the CronJob's Forbid, every referenced ConfigMap,
+Secret and ServiceAccount rendered, nt's S3 keys optional (the AWS credential
+chain otherwise), and the hardening of every container.
 
     invariants.py TARGET RENDERED.yaml
 
@@ -19,6 +20,8 @@ for d in docs:
 
 # Secrets that the manifests reference but must not create (made by hand).
 EXTERNAL_SECRETS = {"nt-secrets"}
+# Containers that run nt itself (their S3 credentials follow nt's rules).
+NT_BINARIES = {"nt-server", "nt-worker"}
 
 def pod_specs():
     for kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
@@ -93,6 +96,23 @@ for where, spec in pod_specs():
                 errors.append(f"{at}: ConfigMap {ref['configMapKeyRef']['name']} is not rendered")
             if "secretKeyRef" in ref and ref["secretKeyRef"]["name"] not in secrets:
                 errors.append(f"{at}: Secret {ref['secretKeyRef']['name']} is not rendered")
+            # nt's S3 keys are optional: without them the AWS credential
+            # chain (IRSA, Pod Identity) applies.
+            if (
+                c.get("command", [""])[0] in NT_BINARIES
+                and e["name"].startswith("AWS_")
+                and "secretKeyRef" in ref
+                and ref["secretKeyRef"].get("optional") is not True
+            ):
+                errors.append(f"{at}: {e['name']} must come from an optional secretKeyRef")
+    account = spec.get("serviceAccountName")
+    if account and account != "default" and account not in by_kind.get("ServiceAccount", {}):
+        errors.append(f"{where}: ServiceAccount {account} is not rendered")
+    # The IRSA webhook projects a token readable by the pod's fsGroup only.
+    role = by_kind.get("ServiceAccount", {}).get(account, {}).get("metadata", {}).get(
+        "annotations", {}).get("eks.amazonaws.com/role-arn")
+    if role and not psc.get("fsGroup"):
+        errors.append(f"{where}: ServiceAccount {account} has an IAM role but the pod no fsGroup")
     for v in spec.get("volumes", []):
         if "configMap" in v and v["configMap"]["name"] not in configmaps:
             errors.append(f"{where}: volume {v['name']}: ConfigMap {v['configMap']['name']} is not rendered")
