@@ -3,7 +3,9 @@
 # base and every overlay with `kubectl kustomize`, checks each rendering
 # against the Kubernetes OpenAPI schemas with `kubernetes-validate --strict`,
 # then checks nt's own invariants (one Recreate coordinator, workers' grace
-# periods, references to ConfigMaps and Secrets, non-root containers).
+# periods, references to ConfigMaps and Secrets, non-root containers;
+# deploy/checks/invariants.py) and its NetworkPolicies (every pod isolated,
+# the allowed connections exactly those listed; deploy/checks/network.py).
 #
 #   deploy/validate.sh              # base, dev and prod
 #   deploy/validate.sh prod         # some overlays only
@@ -73,11 +75,14 @@ for t in "${targets[@]}"; do
     status=1
     continue
   fi
-  if ! "$python" "$here/checks/invariants.py" "$t" "$out"; then
-    echo "FAIL $t: invariants" >&2
+  failed=()
+  "$python" "$here/checks/invariants.py" "$t" "$out" || failed+=(invariants)
+  "$python" "$here/checks/network.py" "$t" "$out" || failed+=(network)
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAIL $t: ${failed[*]}" >&2
     status=1
     continue
   fi
-  echo "ok   $t: $(grep -c '^kind:' "$out") resources valid for Kubernetes $K8S_VERSION"
+  echo "ok   $t: $(grep -c '^kind:' "$out") resources valid for Kubernetes $K8S_VERSION, network paths as listed"
 done
 exit $status
