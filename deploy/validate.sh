@@ -12,7 +12,9 @@
 #   monitoring.py  ServiceMonitor, PodMonitor and PrometheusRule: what they
 #                  select, the alerts nt promises, and that every metric an
 #                  alert names exists (server/src/metrics.rs,
-#                  worker/src/metrics.rs, or a short list of outside ones).
+#                  worker/src/metrics.rs, or a short list of outside ones);
+#   image.py       (once) every FROM of deploy/Dockerfile pinned by digest,
+#                  and the root .dockerignore.
 #
 # The Prometheus Operator's resources (monitoring.coreos.com) are CRDs that
 # kubernetes-validate has no schema for: they are left out of the schema
@@ -77,6 +79,12 @@ trap 'rm -rf "$tmp"' EXIT
 
 root="$(cd "$here/.." && pwd)"
 status=0
+if "$python" "$here/checks/image.py" "$root"; then
+  echo "ok   image: base images pinned by digest, .dockerignore"
+else
+  echo "FAIL image: deploy/Dockerfile or .dockerignore" >&2
+  status=1
+fi
 
 for t in "${targets[@]}"; do
   if [ "$t" = base ]; then dir="$here/base"; else dir="$here/overlays/$t"; fi
