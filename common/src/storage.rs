@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::Args;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -15,24 +15,31 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 /// Where objects live. Every flag has an environment variable.
+///
+/// For S3 the client starts from AWS's standard environment
+/// ([`AmazonS3Builder::from_env`]) and these flags override it: static keys
+/// with an optional `AWS_SESSION_TOKEN`, EKS IAM roles for service accounts
+/// (`AWS_WEB_IDENTITY_TOKEN_FILE` with `AWS_ROLE_ARN`), EKS Pod Identity
+/// (`AWS_CONTAINER_CREDENTIALS_FULL_URI`), `AWS_REGION`, `AWS_ENDPOINT`...
+/// With no keys and no token file it asks the instance metadata service.
 #[derive(Args, Clone, Debug)]
 pub struct StorageArgs {
     /// Object store URL: `file:///abs/dir` (or a plain directory), `s3://bucket[/prefix]`, `memory://`.
     #[arg(long = "store", env = "NT_STORE", default_value = "file://./nt-data")]
     pub url: String,
-    /// S3 endpoint for S3-compatible servers (e.g. http://127.0.0.1:8333); AWS when unset.
+    /// S3 endpoint for S3-compatible servers (e.g. http://127.0.0.1:8333); AWS_ENDPOINT, else AWS.
     #[arg(long, env = "NT_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
-    /// S3 region.
-    #[arg(long, env = "NT_S3_REGION", default_value = "us-east-1")]
-    pub s3_region: String,
-    /// S3 access key id (or AWS_ACCESS_KEY_ID).
+    /// S3 region; AWS_REGION or AWS_DEFAULT_REGION, else us-east-1.
+    #[arg(long, env = "NT_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// S3 access key id (or AWS_ACCESS_KEY_ID); unset for role credentials.
     #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
     pub s3_access_key_id: Option<String>,
-    /// S3 secret access key (or AWS_SECRET_ACCESS_KEY).
+    /// S3 secret access key (or AWS_SECRET_ACCESS_KEY); unset for role credentials.
     #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
     pub s3_secret_access_key: Option<String>,
-    /// Allow plain-HTTP endpoints.
+    /// Allow plain-HTTP endpoints (or AWS_ALLOW_HTTP=true).
     #[arg(long, env = "NT_S3_ALLOW_HTTP")]
     pub s3_allow_http: bool,
     /// Use virtual-hosted-style requests (bucket in the host name) instead of path style.
@@ -46,13 +53,62 @@ impl StorageArgs {
         StorageArgs {
             url: format!("file://{}", dir.display()),
             s3_endpoint: None,
-            s3_region: "us-east-1".into(),
+            s3_region: None,
             s3_access_key_id: None,
             s3_secret_access_key: None,
             s3_allow_http: false,
             s3_virtual_hosted: false,
         }
     }
+
+    /// The S3 client for `bucket`: the standard AWS environment, then these
+    /// flags over it. Builds without network; credentials are fetched (from
+    /// STS, the Pod Identity agent or the metadata service) at the first
+    /// request.
+    pub fn s3_builder(&self, bucket: &str) -> AmazonS3Builder {
+        self.s3_over(AmazonS3Builder::from_env(), bucket)
+    }
+
+    /// `base` with the flags that are set applied over it. A flag that is
+    /// off (`--s3-allow-http`, `--s3-virtual-hosted`) leaves the environment's
+    /// setting alone.
+    fn s3_over(&self, base: AmazonS3Builder, bucket: &str) -> AmazonS3Builder {
+        let mut builder = base.with_bucket_name(bucket);
+        if let Some(r) = &self.s3_region {
+            builder = builder.with_region(r);
+        }
+        if let Some(e) = &self.s3_endpoint {
+            builder = builder.with_endpoint(e);
+        }
+        if let Some(k) = &self.s3_access_key_id {
+            builder = builder.with_access_key_id(k);
+        }
+        if let Some(s) = &self.s3_secret_access_key {
+            builder = builder.with_secret_access_key(s);
+        }
+        if self.s3_allow_http {
+            builder = builder.with_allow_http(true);
+        }
+        if self.s3_virtual_hosted {
+            builder = builder.with_virtual_hosted_style_request(true);
+        }
+        builder
+    }
+}
+
+/// Refuses an empty access key or secret: a Secret with blank
+/// `aws-access-key-id` would otherwise be sent as static credentials and
+/// hide the role credentials the operator meant to use.
+fn check_keys(builder: &AmazonS3Builder) -> Result<()> {
+    for (key, name) in [
+        (AmazonS3ConfigKey::AccessKeyId, "AWS_ACCESS_KEY_ID"),
+        (AmazonS3ConfigKey::SecretAccessKey, "AWS_SECRET_ACCESS_KEY"),
+    ] {
+        if builder.get_config_value(&key).is_some_and(|v| v.is_empty()) {
+            bail!("{name} is set but empty: unset it to use role credentials (IRSA, Pod Identity)");
+        }
+    }
+    Ok(())
 }
 
 /// The configured store and what it supports.
@@ -102,20 +158,8 @@ impl Storage {
             if bucket.is_empty() {
                 bail!("store URL `{url}` names no bucket (s3://bucket[/prefix])");
             }
-            let mut builder = AmazonS3Builder::new()
-                .with_bucket_name(bucket)
-                .with_region(&args.s3_region)
-                .with_allow_http(args.s3_allow_http)
-                .with_virtual_hosted_style_request(args.s3_virtual_hosted);
-            if let Some(e) = &args.s3_endpoint {
-                builder = builder.with_endpoint(e);
-            }
-            if let Some(k) = &args.s3_access_key_id {
-                builder = builder.with_access_key_id(k);
-            }
-            if let Some(s) = &args.s3_secret_access_key {
-                builder = builder.with_secret_access_key(s);
-            }
+            let builder = args.s3_builder(bucket);
+            check_keys(&builder)?;
             let s3: Arc<dyn ObjectStore> =
                 Arc::new(builder.build().context("configuring the S3 store")?);
             let store: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
@@ -342,6 +386,81 @@ mod tests {
             ..StorageArgs::local(std::path::Path::new("."))
         };
         Storage::open(&args).unwrap()
+    }
+
+    #[test]
+    fn s3_flags_override_the_environment_and_keep_its_session_token() {
+        // What `AmazonS3Builder::from_env` makes of temporary credentials
+        // and an AWS_REGION / AWS_ENDPOINT (the environment itself is tested
+        // in tests/s3_environment.rs, in a process of its own).
+        let env = AmazonS3Builder::new()
+            .with_config(AmazonS3ConfigKey::AccessKeyId, "env-key")
+            .with_config(AmazonS3ConfigKey::SecretAccessKey, "env-secret")
+            .with_config(AmazonS3ConfigKey::Token, "env-session-token")
+            .with_config(AmazonS3ConfigKey::Region, "eu-west-1")
+            .with_config(AmazonS3ConfigKey::Endpoint, "https://s3.env.example");
+        let value = |b: &AmazonS3Builder, k| b.get_config_value(&k);
+
+        let unset = StorageArgs::local(std::path::Path::new("."));
+        let b = unset.s3_over(env.clone(), "bucket");
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::Bucket).as_deref(),
+            Some("bucket")
+        );
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::Region).as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::Endpoint).as_deref(),
+            Some("https://s3.env.example")
+        );
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::AccessKeyId).as_deref(),
+            Some("env-key")
+        );
+
+        let flags = StorageArgs {
+            s3_region: Some("us-west-2".into()),
+            s3_endpoint: Some("http://127.0.0.1:8333".into()),
+            s3_access_key_id: Some("flag-key".into()),
+            s3_secret_access_key: Some("flag-secret".into()),
+            s3_allow_http: true,
+            ..unset
+        };
+        let b = flags.s3_over(env, "bucket");
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::Region).as_deref(),
+            Some("us-west-2")
+        );
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::Endpoint).as_deref(),
+            Some("http://127.0.0.1:8333")
+        );
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::AccessKeyId).as_deref(),
+            Some("flag-key")
+        );
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::SecretAccessKey).as_deref(),
+            Some("flag-secret")
+        );
+        // No flag for the session token: the environment's stays.
+        assert_eq!(
+            value(&b, AmazonS3ConfigKey::Token).as_deref(),
+            Some("env-session-token")
+        );
+        assert!(b.build().is_ok(), "building contacts no server");
+    }
+
+    #[test]
+    fn empty_s3_keys_are_refused_rather_than_sent() {
+        let b = AmazonS3Builder::new()
+            .with_config(AmazonS3ConfigKey::AccessKeyId, "")
+            .with_config(AmazonS3ConfigKey::SecretAccessKey, "");
+        let e = check_keys(&b).unwrap_err().to_string();
+        assert!(e.contains("AWS_ACCESS_KEY_ID is set but empty"), "{e}");
+        assert!(check_keys(&AmazonS3Builder::new()).is_ok());
     }
 
     #[test]
