@@ -16,7 +16,8 @@ pub struct Metrics {
     runs: IntGaugeVec,
     tasks: IntGaugeVec,
     pub workers: IntGauge,
-    /// 1 while the object store answers the coordinator (its lease renewals).
+    /// 1 while the object store answers the coordinator (its lease renewals;
+    /// set at each scrape, as `/healthz` says).
     pub store_up: IntGauge,
     pub lease_expiries: IntCounter,
     pub leases: IntCounter,
@@ -167,6 +168,7 @@ pub async fn serve(
 ) {
     use axum::http::StatusCode;
     use axum::routing::get;
+    let store_error_of_scrape = store_error.clone();
     let health = move || {
         let store_error = store_error.clone();
         async move {
@@ -184,7 +186,12 @@ pub async fn serve(
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move { m.render() }
+                let store_error = store_error_of_scrape.clone();
+                async move {
+                    // The same answer as /healthz, at the moment of the scrape.
+                    m.store_up.set(i64::from(store_error().is_none()));
+                    m.render()
+                }
             }),
         )
         .route("/healthz", get(health));

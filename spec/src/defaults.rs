@@ -9,6 +9,10 @@ pub const DATASET: &str = "fashion-mnist";
 /// (`NT_FASHION_MNIST` overrides it).
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
+/// Where Debian's dataset packages install: the folder workers read local
+/// data from unless configured otherwise (`nt-worker --data-dir`).
+pub const DATASETS_DIR: &str = "/usr/share/datasets";
+
 /// Members trained when a spec gives no count.
 pub const MEMBERS: usize = 2;
 /// Most members a run may have.

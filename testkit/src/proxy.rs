@@ -9,6 +9,9 @@
 //! by its status line; S3 clients do not pipeline, so replies on one
 //! connection answer its requests in order.
 
+// Test support: a failure here is the test's failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

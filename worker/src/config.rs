@@ -46,6 +46,17 @@ pub struct WorkerArgs {
     pub health_listen: String,
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// The only folders a run's local `data.path` may name (comma-separated;
+    /// subfolders included, symlinks resolved). A client must not make a
+    /// worker read arbitrary files. Data in the store (`store:<prefix>`) is
+    /// always allowed.
+    #[arg(
+        long = "data-dir",
+        env = "NT_DATA_DIRS",
+        value_delimiter = ',',
+        default_value = nt_spec::defaults::DATASETS_DIR
+    )]
+    pub data_dirs: Vec<std::path::PathBuf>,
     /// Log format.
     #[arg(long, env = "NT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -4,7 +4,9 @@
 //! `pb::TaskResult`. Epoch states and the final model go under the
 //! attempt's own prefix.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -100,6 +102,47 @@ pub struct Env {
     /// The worker's device (a CPU run stays on the CPU, see [`task_device`]).
     pub device: Device,
     pub threads: Option<usize>,
+    /// The folders local data may be read from, resolved.
+    pub data_dirs: Arc<[PathBuf]>,
+}
+
+/// Resolves `--data-dir` (symlinks, `..`); folders that do not exist are
+/// left out, with a warning.
+pub fn resolve_data_dirs(dirs: &[PathBuf]) -> Arc<[PathBuf]> {
+    dirs.iter()
+        .filter_map(|d| match std::fs::canonicalize(d) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(dir = %d.display(), error = %e, "a --data-dir is not readable; leaving it out");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The resolved folder of a local `data.path`, when it lies within one of
+/// `allowed`. The same error for a folder outside them and one that does not
+/// exist, so a client learns nothing about the worker's files.
+pub fn allowed_data_dir(dir: &str, allowed: &[PathBuf]) -> nt_runtime::Result<PathBuf> {
+    let refused = || {
+        let list: Vec<_> = allowed.iter().map(|d| d.display().to_string()).collect();
+        RuntimeError::Spec(format!(
+            "data.path `{dir}` is not a folder within this worker's data folders ({}); \
+             configure them with nt-worker --data-dir, or put the data in the store \
+             (store:<prefix>)",
+            if list.is_empty() {
+                "none".into()
+            } else {
+                list.join(", ")
+            }
+        ))
+    };
+    let resolved = std::fs::canonicalize(dir).map_err(|_| refused())?;
+    if allowed.iter().any(|a| resolved.starts_with(a)) && resolved.is_dir() {
+        Ok(resolved)
+    } else {
+        Err(refused())
+    }
 }
 
 /// The object store as the job's I/O, blocking on the worker's runtime.
@@ -131,7 +174,10 @@ impl JobIo for StoreIo<'_> {
                     io: self,
                     prefix: prefix.to_string(),
                 }),
-                None => Box::new(LocalDir(spec.location().unwrap_or_default().into())),
+                None => Box::new(LocalDir(allowed_data_dir(
+                    &spec.location().unwrap_or_default(),
+                    &self.0.data_dirs,
+                )?)),
             },
         )
     }

@@ -32,6 +32,8 @@ pub struct Worker {
     link: Link,
     storage: nt_common::Storage,
     device: Device,
+    /// `--data-dir`, resolved.
+    data_dirs: Arc<[std::path::PathBuf]>,
     running: Mutex<HashMap<String, Running>>,
     pub metrics: WorkerMetrics,
 }
@@ -57,11 +59,16 @@ impl Worker {
             worker_id: String::new(),
         };
         let link = Link::new(link::connect(&args)?, registration, Patience::default());
+        // The default data set's folder, where the operator moved it.
+        let mut dirs = args.data_dirs.clone();
+        dirs.extend(std::env::var_os("NT_FASHION_MNIST").map(std::path::PathBuf::from));
+        let data_dirs = executor::resolve_data_dirs(&dirs);
         Ok(Arc::new(Worker {
             args,
             link,
             storage,
             device,
+            data_dirs,
             running: Mutex::new(HashMap::new()),
             metrics: WorkerMetrics::new(),
         }))
@@ -190,6 +197,7 @@ impl Worker {
             runtime: tokio::runtime::Handle::current(),
             device: self.device,
             threads: self.args.threads,
+            data_dirs: self.data_dirs.clone(),
         };
         let exec_task = task.clone();
         let exec_control = control.clone();

@@ -125,6 +125,9 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
         format!("--slots={}", args.slots),
         "--name=local".into(),
         "--shutdown-grace-secs=0".into(),
+        // The embedded worker reads the user's own files for the user: any
+        // folder. (A shared worker restricts data.path to its --data-dir.)
+        "--data-dir=/".into(),
     ];
     if let Some(t) = args.threads {
         worker_flags.push(format!("--threads={t}"));

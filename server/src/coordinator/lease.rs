@@ -39,7 +39,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::error::{CoordinatorError, Result};
-use crate::metrics::Metrics;
 
 /// The lease object as stored.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -108,7 +107,6 @@ impl StoreLease {
         storage: Storage,
         holder: String,
         ttl: Duration,
-        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>> {
         let key = layout::coordinator_lease();
@@ -150,7 +148,6 @@ impl StoreLease {
             }
         };
         info!(holder = %holder, epoch, "holding the store lease");
-        metrics.store_up.set(1);
         let lease = Arc::new(StoreLease {
             storage,
             holder,
@@ -165,7 +162,7 @@ impl StoreLease {
             }),
             stop: CancellationToken::new(),
         });
-        tokio::spawn(renew(Arc::downgrade(&lease), metrics, shutdown));
+        tokio::spawn(renew(Arc::downgrade(&lease), shutdown));
         Ok(lease)
     }
 
@@ -206,9 +203,18 @@ impl StoreLease {
         lock(&self.held).lost.clone()
     }
 
-    /// The store's last error, while renewals fail.
+    /// The store's last error while renewals fail, or that it has not
+    /// confirmed the lease in time.
     pub fn store_error(&self) -> Option<String> {
-        lock(&self.held).store_error.clone()
+        let held = lock(&self.held);
+        held.store_error.clone().or_else(|| {
+            (Instant::now() > held.valid_until && !held.released).then(|| {
+                format!(
+                    "no answer from the store for over {} s",
+                    self.ttl.as_secs_f64()
+                )
+            })
+        })
     }
 
     /// Marks the lease lost: a document of a later epoch was found.
@@ -352,7 +358,7 @@ async fn watch(
 
 /// Renews every third of the time to live until shutdown or until the lease
 /// is lost (then shuts the coordinator down).
-async fn renew(lease: Weak<StoreLease>, metrics: Metrics, shutdown: CancellationToken) {
+async fn renew(lease: Weak<StoreLease>, shutdown: CancellationToken) {
     let (period, stop) = match lease.upgrade() {
         Some(l) => (l.ttl / 3, l.stop.clone()),
         None => return,
@@ -366,9 +372,19 @@ async fn renew(lease: Weak<StoreLease>, metrics: Metrics, shutdown: Cancellation
             _ = shutdown.cancelled() => return,
         }
         let Some(l) = lease.upgrade() else { return };
-        match l.renew_once().await {
+        // A store that does not answer at all (frozen, a black-holed
+        // connection) is an error after one time to live, not a wait of
+        // the HTTP client's own timeout. A renewal dropped here may still
+        // land; the next one adopts it (see `renew_once`).
+        let renewed = match tokio::time::timeout(l.ttl, l.renew_once()).await {
+            Ok(r) => r,
+            Err(_) => Err(CoordinatorError::Unavailable(format!(
+                "the store did not answer within {} s",
+                l.ttl.as_secs_f64()
+            ))),
+        };
+        match renewed {
             Ok(true) => {
-                metrics.store_up.set(1);
                 delay = period;
             }
             Ok(false) => {
@@ -385,7 +401,6 @@ async fn renew(lease: Weak<StoreLease>, metrics: Metrics, shutdown: Cancellation
                 return;
             }
             Err(e) => {
-                metrics.store_up.set(0);
                 warn!(error = %e, "renewing the store lease failed; retrying");
                 lock(&l.held).store_error = Some(e.to_string());
                 // Retry sooner than the period, with jitter, while the store

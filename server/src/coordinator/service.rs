@@ -134,7 +134,6 @@ impl Coordinator {
                     storage.clone(),
                     holder.clone(),
                     config.store_lease_ttl,
-                    metrics.clone(),
                     shutdown.clone(),
                 )
                 .await?;

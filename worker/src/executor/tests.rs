@@ -90,6 +90,7 @@ fn tasks_train_fine_tune_and_evaluate_over_the_store() {
         runtime: runtime.handle().clone(),
         device: Device::Cpu,
         threads: Some(1),
+        data_dirs: resolve_data_dirs(&[nt_spec::defaults::DATASETS_DIR.into()]),
     };
     let read = |key: &str| {
         let bytes = StoreIo(&env).read(key).unwrap();
@@ -191,5 +192,56 @@ fn tasks_train_fine_tune_and_evaluate_over_the_store() {
     assert!(
         matches!(err, TaskError::Stopped(StopReason::Cancelled)),
         "{err:?}"
+    );
+}
+
+#[test]
+fn local_data_is_read_only_within_the_data_folders() {
+    let root = tempfile::tempdir().unwrap();
+    let allowed = root.path().join("datasets");
+    std::fs::create_dir_all(allowed.join("mine")).unwrap();
+    let outside = root.path().join("secrets");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("train-images-idx3-ubyte"), "TOP SECRET").unwrap();
+    std::os::unix::fs::symlink(&outside, allowed.join("link")).unwrap();
+    std::fs::write(allowed.join("file"), "x").unwrap();
+    let dirs = resolve_data_dirs(&[allowed.clone(), root.path().join("gone")]);
+    assert_eq!(dirs.len(), 1, "a missing --data-dir is left out");
+
+    let inside = allowed.join("mine");
+    assert_eq!(
+        allowed_data_dir(inside.to_str().unwrap(), &dirs).unwrap(),
+        std::fs::canonicalize(&inside).unwrap()
+    );
+    let refused = |dir: std::path::PathBuf| {
+        let e = allowed_data_dir(dir.to_str().unwrap(), &dirs).unwrap_err();
+        assert!(!e.is_retryable());
+        e.to_string()
+    };
+    let traversal = refused(allowed.join("mine/../../secrets"));
+    assert!(
+        traversal.contains("not a folder within this worker's data folders"),
+        "{traversal}"
+    );
+    assert!(!traversal.contains("TOP SECRET"));
+    // A symlink out, a file, a folder that does not exist: the same answer.
+    for dir in [
+        allowed.join("link"),
+        allowed.join("file"),
+        allowed.join("nope"),
+    ] {
+        let e = refused(dir.clone());
+        assert_eq!(
+            e.replace(dir.to_str().unwrap(), "<dir>"),
+            traversal.replace(
+                allowed.join("mine/../../secrets").to_str().unwrap(),
+                "<dir>"
+            )
+        );
+    }
+    let e = refused("/etc".into());
+    assert!(
+        e.contains(allowed.canonicalize().unwrap().to_str().unwrap()),
+        "{e}"
     );
 }

@@ -92,15 +92,9 @@ async fn a_silent_holder_is_taken_over_and_its_late_writes_are_fenced() {
     // The first holder stops renewing without releasing: a frozen or
     // crashed coordinator.
     let frozen_stop = CancellationToken::new();
-    let frozen = StoreLease::acquire(
-        storage.clone(),
-        "frozen".into(),
-        TTL,
-        Metrics::new(),
-        frozen_stop.clone(),
-    )
-    .await
-    .unwrap();
+    let frozen = StoreLease::acquire(storage.clone(), "frozen".into(), TTL, frozen_stop.clone())
+        .await
+        .unwrap();
     frozen_stop.cancel();
     let began = Instant::now();
     let second = start(&storage).await.unwrap();
@@ -178,15 +172,9 @@ async fn a_coordinator_that_meets_a_later_epoch_stops_writing() {
 async fn writes_stop_when_the_store_has_not_confirmed_the_lease_in_time() {
     let storage = memory_store();
     let stop = CancellationToken::new();
-    let lease = StoreLease::acquire(
-        storage.clone(),
-        "slow".into(),
-        TTL,
-        Metrics::new(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let lease = StoreLease::acquire(storage.clone(), "slow".into(), TTL, stop.clone())
+        .await
+        .unwrap();
     assert_eq!(lease.check().unwrap(), 1);
     // No renewals (as when the store does not answer): a time to live later,
     // writes are refused; a renewal that gets through allows them again.
