@@ -253,8 +253,8 @@ pub fn load(spec: &DataSpec, source: &dyn FileSource) -> Result<Splits> {
         DataFiles::Synthetic => {
             let s = spec.synthetic.clone().unwrap_or_default();
             (
-                generate_synthetic(&s, s.train, s.seed),
-                generate_synthetic(&s, s.test, s.seed ^ 0x5eed),
+                generate_synthetic(&s, s.train, s.seed)?,
+                generate_synthetic(&s, s.test, s.seed ^ 0x5eed)?,
             )
         }
     };
@@ -323,6 +323,22 @@ pub fn local_source(spec: &DataSpec) -> Result<LocalDir> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_synthetic_set_too_large_for_memory_is_an_error_not_an_abort() {
+        let spec = nt_spec::data::SyntheticSpec {
+            train: 100_000_000_000,
+            ..Default::default()
+        };
+        let e = generate_synthetic(&spec, spec.train, 1).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        assert!(!e.is_retryable());
+        let spec = nt_spec::data::SyntheticSpec {
+            shape: [usize::MAX, 2, 1],
+            ..Default::default()
+        };
+        assert!(generate_synthetic(&spec, 1, 1).is_err(), "overflow");
+    }
 
     #[test]
     fn fashion_mnist_loads_from_the_debian_package() {
