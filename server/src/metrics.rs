@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -22,6 +22,8 @@ pub struct Metrics {
     pub lease_expiries: IntCounter,
     pub leases: IntCounter,
     pub runs_submitted: IntCounter,
+    /// Runs that reached a final state, by state (for alerts on failures).
+    runs_finished: IntCounterVec,
     /// Accepted tasks' compute time, by kind.
     pub task_duration: HistogramVec,
     pub fusion_duration: Histogram,
@@ -67,6 +69,16 @@ impl Metrics {
         ));
         let leases = must(IntCounter::new("nt_leases_total", "Task attempts leased"));
         let runs_submitted = must(IntCounter::new("nt_runs_submitted_total", "Runs created"));
+        let runs_finished = must(IntCounterVec::new(
+            Opts::new(
+                "nt_runs_finished_total",
+                "Runs that reached a final state in this process, by state",
+            ),
+            &["state"],
+        ));
+        for state in ["succeeded", "failed", "cancelled"] {
+            runs_finished.with_label_values(&[state]);
+        }
         let buckets = vec![
             0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
         ];
@@ -104,6 +116,7 @@ impl Metrics {
             Box::new(lease_expiries.clone()),
             Box::new(leases.clone()),
             Box::new(runs_submitted.clone()),
+            Box::new(runs_finished.clone()),
             Box::new(task_duration.clone()),
             Box::new(fusion_duration.clone()),
             Box::new(rpc_duration.clone()),
@@ -121,11 +134,16 @@ impl Metrics {
             lease_expiries,
             leases,
             runs_submitted,
+            runs_finished,
             task_duration,
             fusion_duration,
             rpc_duration,
             samples_per_second,
         }
+    }
+
+    pub fn run_finished(&self, state: &str) {
+        self.runs_finished.with_label_values(&[state]).inc();
     }
 
     pub fn set_runs(&self, counts: &HashMap<&'static str, i64>) {

@@ -261,11 +261,15 @@ impl Coordinator {
             .ok_or_else(|| CoordinatorError::NotFound(format!("run `{run_id}` does not exist")))?;
         let _serial = slot.write.lock().await;
         let mut next = lock(&slot.book).clone();
+        let was_final = next.doc.state.is_final();
         let step = change(&mut next)?;
         if step.durable {
             next.doc.revision += 1;
             next.doc.updated_ms = now_ms();
             self.store.save(&next.doc).await?;
+        }
+        if !was_final && next.doc.state.is_final() {
+            self.metrics.run_finished(next.doc.state.name());
         }
         let effects = publish(&slot, Some(next), step.effects);
         self.perform(&slot, effects).await;
