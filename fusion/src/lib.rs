@@ -6,11 +6,13 @@
 
 pub mod arch;
 pub mod assemble;
+pub mod assignment;
 pub mod check;
 pub mod checkpoint;
 pub mod coupling;
 mod error;
 pub mod methods;
+pub mod ot;
 mod parallel;
 pub mod state;
 pub mod transplant;

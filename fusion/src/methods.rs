@@ -27,15 +27,19 @@ pub enum Method {
     Concat,
     /// Vanilla weight averaging.
     Average,
+    /// Optimal-transport fusion (the paper's baseline): members aligned to
+    /// member 0 neuron by neuron, then averaged ([`crate::ot`]).
+    Ot,
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [
+    pub const ALL: [Method; 6] = [
         Method::Nt,
         Method::NtIterative,
         Method::NtHierarchical,
         Method::Concat,
         Method::Average,
+        Method::Ot,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +49,7 @@ impl Method {
             Method::NtHierarchical => "nt-hierarchical",
             Method::Concat => "concat",
             Method::Average => "average",
+            Method::Ot => "ot",
         }
     }
 }
@@ -177,6 +182,11 @@ pub fn fuse(
 
     let (mut state, result_arch, origins) = match method {
         Method::Average => (average(arch, members)?, arch.clone(), None),
+        Method::Ot => (
+            crate::ot::fuse(arch, &coupling, members)?,
+            arch.clone(),
+            None,
+        ),
         Method::Concat => {
             check.check(arch, &coupling, members, None)?;
             let spec = coupling.resized(

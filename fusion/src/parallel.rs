@@ -37,6 +37,30 @@ where
     });
 }
 
+/// Calls `f(first_row, block)` for contiguous blocks of whole `row_len`-long
+/// rows of `out`, one block per thread.
+pub fn for_each_row_block<F>(out: &mut [f32], row_len: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if row_len == 0 || out.is_empty() {
+        return;
+    }
+    let rows = out.len() / row_len;
+    let n = threads().min(rows);
+    if n <= 1 || out.len() < INLINE_ELEMENTS {
+        f(0, out);
+        return;
+    }
+    let per = rows.div_ceil(n);
+    std::thread::scope(|s| {
+        for (index, block) in out.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            s.spawn(move || f(index * per, block));
+        }
+    });
+}
+
 /// Maps contiguous ranges of `0..count` to partial results on several threads
 /// and returns them in order (`work` elements per item decide whether to split).
 pub fn map_ranges<T, F>(count: usize, work_per_item: usize, f: F) -> Vec<T>

@@ -485,6 +485,21 @@ fn offline_train_fuse_eval_and_arch_like_a_user() {
     let groups: Vec<&str> = table.iter().map(|(g, _, _)| g.as_str()).collect();
     assert_eq!(groups, ["fc1", "fc2"], "{out}");
 
+    // OT, the paper's baseline, fuses the same members.
+    let out = ok(offline(d).args([
+        "fuse",
+        "--method",
+        "ot",
+        "-o",
+        "ot.safetensors",
+        "m0.safetensors",
+        "m1.safetensors",
+    ]));
+    assert!(
+        out.contains("fused 2 members with ot") && out.contains("-> ot.safetensors"),
+        "{out}"
+    );
+
     // The same fusion as JSON: the same channels.
     let fused = json(&ok(offline(d).args([
         "--output",

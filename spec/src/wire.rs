@@ -24,6 +24,7 @@ pub fn method_to_wire(m: Method) -> Option<pb::FusionMethod> {
         Method::NtIterative => Some(pb::FusionMethod::NtIterative),
         Method::NtHierarchical => Some(pb::FusionMethod::NtHierarchical),
         Method::Average => Some(pb::FusionMethod::Average),
+        Method::Ot => Some(pb::FusionMethod::Ot),
         Method::Concat => None,
     }
 }
@@ -34,6 +35,7 @@ pub fn method_from_wire(m: pb::FusionMethod) -> Option<Method> {
         pb::FusionMethod::NtIterative => Some(Method::NtIterative),
         pb::FusionMethod::NtHierarchical => Some(Method::NtHierarchical),
         pb::FusionMethod::Average => Some(Method::Average),
+        pb::FusionMethod::Ot => Some(Method::Ot),
         pb::FusionMethod::Unspecified => None,
     }
 }
