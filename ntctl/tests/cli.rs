@@ -377,7 +377,7 @@ architecture: "mlp:input=1x8x8,hidden=32,depth=2"
 members:
   count: 2
   training: {epochs: 3, batch_size: 32, lr: 0.05}
-fusion: [nt, average]
+fusion: [nt, ot, average]
 fine_tuning:
   training: {epochs: 2, batch_size: 32, lr: 0.05}
 "#;
@@ -707,7 +707,13 @@ async fn json_lines_while_waiting_end_with_the_finished_run() {
         "succeeded",
         "{last}"
     );
-    assert_eq!(last["report"]["fused"].as_array().unwrap().len(), 2);
+    // NT, OT and averaging, in the spec's order.
+    let fused = last["report"]["fused"].as_array().unwrap();
+    assert_eq!(fused.len(), 3, "{last}");
+    assert!(
+        fused[1]["method"].to_string().to_lowercase().contains("ot"),
+        "{last}"
+    );
     assert!(events.iter().all(|e| e["run_id"] == run_id), "{out}");
     // The same run as `get` shows it.
     let got = json(&ok(connected(&c).args(["--output", "json", "get", run_id])));
