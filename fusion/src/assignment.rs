@@ -16,13 +16,14 @@
 #![allow(clippy::needless_range_loop)]
 
 /// The column assigned to each row of the `n × n` row-major `cost`, with
-/// the least total cost. Costs must be finite.
-pub fn solve(n: usize, cost: &[f64]) -> Vec<usize> {
+/// the least total cost. Costs must be finite; they are stored in f32 (half
+/// the memory of a wide layer's matrix) and the algorithm's prices in f64.
+pub fn solve(n: usize, cost: &[f32]) -> Vec<usize> {
     assert_eq!(cost.len(), n * n, "assignment::solve: cost is not n × n");
     if n == 0 {
         return Vec::new();
     }
-    let c = |i: usize, j: usize| cost[i * n + j];
+    let c = |i: usize, j: usize| f64::from(cost[i * n + j]);
     const NONE: usize = usize::MAX;
     let mut row_sol = vec![NONE; n];
     let mut col_sol = vec![NONE; n];
@@ -221,11 +222,11 @@ pub fn solve(n: usize, cost: &[f64]) -> Vec<usize> {
 }
 
 /// The total cost of an assignment.
-pub fn total(n: usize, cost: &[f64], assignment: &[usize]) -> f64 {
+pub fn total(n: usize, cost: &[f32], assignment: &[usize]) -> f64 {
     assignment
         .iter()
         .enumerate()
-        .map(|(i, &j)| cost[i * n + j])
+        .map(|(i, &j)| f64::from(cost[i * n + j]))
         .sum()
 }
 
@@ -234,8 +235,8 @@ mod tests {
     use super::*;
 
     /// Every permutation's cost, the least one.
-    fn brute_force(n: usize, cost: &[f64]) -> f64 {
-        fn go(n: usize, cost: &[f64], row: usize, used: &mut Vec<bool>, acc: f64, best: &mut f64) {
+    fn brute_force(n: usize, cost: &[f32]) -> f64 {
+        fn go(n: usize, cost: &[f32], row: usize, used: &mut Vec<bool>, acc: f64, best: &mut f64) {
             if row == n {
                 *best = best.min(acc);
                 return;
@@ -243,7 +244,14 @@ mod tests {
             for j in 0..n {
                 if !used[j] {
                     used[j] = true;
-                    go(n, cost, row + 1, used, acc + cost[row * n + j], best);
+                    go(
+                        n,
+                        cost,
+                        row + 1,
+                        used,
+                        acc + f64::from(cost[row * n + j]),
+                        best,
+                    );
                     used[j] = false;
                 }
             }
@@ -277,8 +285,8 @@ mod tests {
             let n = 1 + case % 8;
             // Few distinct values make many ties; a wide range makes none.
             let levels = [2u64, 3, 5, 1 << 40][case % 4];
-            let cost: Vec<f64> = (0..n * n)
-                .map(|_| (rng.next() % levels) as f64 / 7.0)
+            let cost: Vec<f32> = (0..n * n)
+                .map(|_| (rng.next() % levels) as f32 / 7.0)
                 .collect();
             let got = solve(n, &cost);
             assert!(is_permutation(&got), "case {case}: {got:?}");
@@ -300,13 +308,13 @@ mod tests {
             perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
         }
         // Zero on the permutation, positive elsewhere.
-        let cost: Vec<f64> = (0..n * n)
+        let cost: Vec<f32> = (0..n * n)
             .map(|x| {
                 let (i, j) = (x / n, x % n);
                 if perm[i] == j {
                     0.0
                 } else {
-                    1.0 + (rng.next() % 100) as f64
+                    1.0 + (rng.next() % 100) as f32
                 }
             })
             .collect();

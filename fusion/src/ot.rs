@@ -25,7 +25,7 @@
 //!
 //! The plan comes from an exact assignment solver ([`crate::assignment`]),
 //! the distances from one matrix product per layer: memory is the members,
-//! the output and two `n × n` matrices, never the reference's `n × n × d`.
+//! the output and one `n × n` f32 matrix, never the reference's `n × n × d`.
 //!
 //! Beyond the reference: biases are aligned with their neurons and take part
 //! in the ground metric (a neuron is its weights and its bias). BatchNorm and
@@ -78,8 +78,9 @@ fn f32_of<'a>(m: &'a StateDict, name: &str, who: usize) -> Result<&'a [f32]> {
 
 /// Euclidean distances between the rows of `a` (member j) and of `b`
 /// (member 0), both `n × d`: `|a_i|² + |b_k|² - 2 a_i·b_k`, with the cross
-/// term from one f32 matrix product (split over the cores) and the rest in f64.
-fn distances(n: usize, d: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+/// term from one f32 matrix product (split over the cores), the rest in f64,
+/// stored in place of the product (one `n × n` f32 matrix in all).
+fn distances(n: usize, d: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
     let norm = |x: &[f32]| -> Vec<f64> {
         x.chunks(d.max(1))
             .map(|r| r.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
@@ -110,14 +111,13 @@ fn distances(n: usize, d: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
             );
         }
     });
-    let mut out = vec![0.0f64; n * n];
-    for i in 0..n {
-        for k in 0..n {
-            let sq = na[i] + nb[k] - 2.0 * f64::from(dot[i * n + k]);
-            out[i * n + k] = sq.max(0.0).sqrt();
+    for (i, row) in dot.chunks_mut(n.max(1)).enumerate() {
+        for (k, x) in row.iter_mut().enumerate() {
+            let sq = na[i] + nb[k] - 2.0 * f64::from(*x);
+            *x = sq.max(0.0).sqrt() as f32;
         }
     }
-    out
+    dot
 }
 
 /// Member j's layer, its input channels put in member 0's order (each
@@ -187,12 +187,12 @@ fn align(
         }
 
         // 1. Past correction by the input group's plan.
-        let corrected = match &plans[ports.input] {
+        let corrected: std::borrow::Cow<'_, [f32]> = match &plans[ports.input] {
             Some(plan) => {
                 let inner = row_len / plan.len();
-                correct_inputs(w, rows, plan, inner, plan_scale(plan.len()))
+                correct_inputs(w, rows, plan, inner, plan_scale(plan.len())).into()
             }
-            None => w.to_vec(),
+            None => w.into(),
         };
 
         // 2-4. Neurons are matched to member 0's: a hidden layer's, and the
@@ -207,7 +207,7 @@ fn align(
             plans[ports.output] = Some(plan);
             (w_aligned, b_aligned)
         } else {
-            (corrected, b.map(<[f32]>::to_vec))
+            (corrected.into_owned(), b.map(<[f32]>::to_vec))
         };
         aligned.insert(
             weight.name.clone(),
@@ -231,21 +231,11 @@ fn match_neurons(
     w0: &[f32],
     b0: Option<&[f32]>,
 ) -> Plan {
-    let with_bias = |w: &[f32], b: Option<&[f32]>| -> Vec<f32> {
-        match b {
-            None => w.to_vec(),
-            Some(b) => (0..rows)
-                .flat_map(|r| {
-                    w[r * row_len..(r + 1) * row_len]
-                        .iter()
-                        .copied()
-                        .chain(std::iter::once(b[r]))
-                })
-                .collect(),
-        }
-    };
     let d = row_len + usize::from(b.is_some());
-    let (a, r) = (with_bias(w, b), with_bias(w0, b0));
+    let (a, r) = (
+        with_bias(rows, row_len, w, b),
+        with_bias(rows, row_len, w0, b0),
+    );
     let cost = distances(rows, d, &a, &r);
     // Rows of the cost are member j's neurons, columns member 0's.
     let assignment = assignment::solve(rows, &cost);
@@ -254,6 +244,27 @@ fn match_neurons(
         plan[c0] = cj;
     }
     plan
+}
+
+/// A layer's neurons as ground-metric points: its rows, each followed by
+/// its bias when it has one.
+fn with_bias<'a>(
+    rows: usize,
+    row_len: usize,
+    w: &'a [f32],
+    b: Option<&[f32]>,
+) -> std::borrow::Cow<'a, [f32]> {
+    match b {
+        None => std::borrow::Cow::Borrowed(w),
+        Some(b) => (0..rows)
+            .flat_map(|r| {
+                w[r * row_len..(r + 1) * row_len]
+                    .iter()
+                    .copied()
+                    .chain(std::iter::once(b[r]))
+            })
+            .collect(),
+    }
 }
 
 /// OT fusion of `members` (at least two, of architecture `arch`).
