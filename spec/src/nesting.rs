@@ -118,7 +118,7 @@ fn deepest(text: &str) -> Option<(usize, usize)> {
         let header = header.trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '+');
         if quote.is_none()
             && flow == 0
-            && matches!(last, Some(_))
+            && last.is_some()
             && (header.ends_with('|') || header.ends_with('>'))
         {
             block_scalar = Some(indent);
