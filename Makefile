@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: setup build demo test fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline gpu-check
+.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline gpu-check
 
 setup:
 	./scripts/setup.sh
@@ -21,6 +21,11 @@ test: setup
 	$(ENV) python3 scripts/check_layout.py .
 	$(ENV) cargo test --workspace -- --test-threads 2
 	$(ENV) deploy/validate.sh
+
+# Mutates the fuzz corpus for NT_FUZZ_SECONDS per target (default 60) and
+# writes bench/results/fuzz.md; new inputs and crashes land in fuzz/corpus/.
+fuzz:
+	$(ENV) cargo run --profile fuzz -p nt-fuzz --bin fuzz-drive -- --seconds $${NT_FUZZ_SECONDS:-60}
 
 fmt:
 	cargo fmt --all

@@ -11,6 +11,7 @@ use serde_yaml::Value;
 /// Sets `path` (dot-separated, e.g. `members.training.epochs`) to `value`,
 /// parsed as YAML (so `3` is a number, `[nt, average]` a list).
 pub fn set_path(doc: &mut Value, path: &str, value: &str) -> Result<()> {
+    nt_spec::nesting::check_yaml(value).with_context(|| format!("--set {path}"))?;
     let parsed: Value = serde_yaml::from_str(value)
         .with_context(|| format!("--set {path}: `{value}` is not a YAML value"))?;
     let keys: Vec<&str> = path.split('.').collect();
@@ -44,6 +45,7 @@ pub fn load(path: &Path, overrides: &[(String, String)]) -> Result<RunSpecFile> 
 
 /// Parses spec text and applies overrides.
 pub fn parse(text: &str, overrides: &[(String, String)]) -> Result<RunSpecFile> {
+    nt_spec::nesting::check_yaml(text)?;
     let mut doc: Value = serde_yaml::from_str(text).context("not valid YAML")?;
     for (k, v) in overrides {
         set_path(&mut doc, k, v)?;
@@ -75,5 +77,17 @@ mod tests {
         assert!(format!("{err:#}").contains("trainig"), "{err:#}");
         let err = parse(base, &[("architecture.preset.x".into(), "3".into())]).unwrap_err();
         assert!(format!("{err:#}").contains("not a mapping"), "{err:#}");
+    }
+
+    #[test]
+    fn deep_yaml_is_refused_before_parsing() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        let err = parse(&format!("architecture: {deep}\n"), &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("1024"), "{err:#}");
+        let err = parse("architecture: mlp\n", &[("labels.a".into(), deep)]).unwrap_err();
+        assert!(format!("{err:#}").contains("--set labels.a"), "{err:#}");
+        // Both took 37 s of CPU each before the pre-scan.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 }

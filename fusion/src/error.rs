@@ -43,15 +43,42 @@ pub enum FusionError {
     },
 }
 
+/// The most bytes of an error message: past it, a message is cut in the
+/// middle. Messages quote what they refuse (a field name, an option, a
+/// preset), and a 1 MB name must not become a 1 MB gRPC status or log line.
+pub const MAX_MESSAGE_BYTES: usize = 800;
+
+/// `message` whole when short, otherwise its start and end with the number
+/// of bytes cut between them (on character boundaries).
+pub fn bounded(message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let mut head = MAX_MESSAGE_BYTES / 2;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = message.len() - MAX_MESSAGE_BYTES / 4;
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{} [... {} bytes cut ...] {}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
+}
+
 impl FusionError {
     pub fn spec(msg: impl Into<String>) -> Self {
-        FusionError::Spec(msg.into())
+        FusionError::Spec(bounded(msg.into()))
     }
 
     pub fn checkpoint(source_name: impl Into<String>, reason: impl Into<String>) -> Self {
         FusionError::Checkpoint {
-            source_name: source_name.into(),
-            reason: reason.into(),
+            source_name: bounded(source_name.into()),
+            reason: bounded(reason.into()),
         }
     }
 
@@ -60,5 +87,23 @@ impl FusionError {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_keep_their_start_and_end() {
+        let long = format!("option `{}` is not valid", "é".repeat(100_000));
+        let e = FusionError::spec(long).to_string();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(e.starts_with("architecture spec: option `é"), "{e}");
+        assert!(
+            e.ends_with("` is not valid") && e.contains("bytes cut"),
+            "{e}"
+        );
+        assert_eq!(bounded("short".into()), "short");
     }
 }

@@ -17,5 +17,5 @@ mod parallel;
 pub mod state;
 pub mod transplant;
 
-pub use error::{FusionError, Result};
+pub use error::{bounded, FusionError, Result};
 pub use methods::{fuse, FuseReport, Fused, Method};

@@ -151,7 +151,9 @@ pub struct EvaluationFile {
 
 impl RunSpecFile {
     /// Parses YAML; unknown fields are errors that name the field and line.
+    /// Deep nesting is refused before parsing ([`crate::nesting`]).
     pub fn from_yaml(text: &str) -> Result<Self, SpecError> {
+        crate::nesting::check_yaml(text)?;
         serde_yaml::from_str(text).map_err(|e| err("spec", e.to_string()))
     }
 

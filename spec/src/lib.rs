@@ -15,6 +15,7 @@ pub mod device;
 mod error;
 pub mod file;
 pub mod limits;
+pub mod nesting;
 pub mod plan;
 pub mod task;
 pub mod train;

@@ -140,7 +140,8 @@ fn plan(
     }
     if let Some((shape, classes)) = dataset_shape(&data) {
         let need: usize = arch.input_shape().iter().product();
-        if need != shape.iter().product::<usize>() {
+        let images = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if images != Some(need) {
             return Err(err(
                 "architecture",
                 format!(
@@ -461,5 +462,26 @@ device: any
             data_from_wire(&d).synthetic.unwrap().noise,
             SyntheticSpec::default().noise
         );
+    }
+
+    /// Found by fuzzing: the image size of a huge synthetic shape overflowed
+    /// (a panic in debug builds, a wrapped number in release).
+    #[test]
+    fn a_synthetic_shape_too_large_to_count_is_refused() {
+        let mut wire = RunSpecFile::from_yaml(SPEC)
+            .unwrap()
+            .to_proto(std::path::Path::new("."))
+            .unwrap();
+        let data = wire.data.as_mut().unwrap();
+        data.dataset = "synthetic".into();
+        data.synthetic = Some(pb::SyntheticData {
+            train: 10,
+            test: 10,
+            classes: 10,
+            shape: vec![u32::MAX; 3],
+            ..Default::default()
+        });
+        let e = plan(&wire, &keys).unwrap_err();
+        assert_eq!(e.field, "architecture", "{e}");
     }
 }

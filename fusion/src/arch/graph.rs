@@ -142,13 +142,26 @@ impl Architecture {
                 out_shape: out,
             });
         }
-        let nodes = nodes.into_iter().flatten().collect();
-        Ok(Architecture {
+        let nodes: Vec<Node> = nodes.into_iter().flatten().collect();
+        if let Some(node) = nodes.iter().find(|n| numel(&n.out_shape).is_none()) {
+            return Err(FusionError::spec(format!(
+                "node `{}` outputs {:?}, more than {MAX_TENSOR_ELEMENTS} elements",
+                node.name, node.out_shape
+            )));
+        }
+        let arch = Architecture {
             spec,
             nodes,
             order,
             output,
-        })
+        };
+        if let Some(p) = arch.params().iter().find(|p| numel(&p.shape).is_none()) {
+            return Err(FusionError::spec(format!(
+                "parameter `{}` of shape {:?} has more than {MAX_TENSOR_ELEMENTS} elements",
+                p.name, p.shape
+            )));
+        }
+        Ok(arch)
     }
 
     /// Parses and validates a JSON spec.
@@ -246,14 +259,27 @@ impl Architecture {
         out
     }
 
-    /// Number of trainable parameters.
+    /// Number of trainable parameters (saturating: [`Architecture::new`]
+    /// bounds each tensor, not their sum).
     pub fn parameter_count(&self) -> usize {
         self.params()
             .iter()
             .filter(|p| p.role.trainable())
-            .map(|p| p.shape.iter().product::<usize>())
-            .sum()
+            .filter_map(|p| numel(&p.shape))
+            .fold(0, usize::saturating_add)
     }
+}
+
+/// The most elements one tensor (an output or a parameter) may have: far past
+/// any service limit, small enough that byte counts of it never overflow.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 48;
+
+/// Elements of a shape, when at most [`MAX_TENSOR_ELEMENTS`].
+fn numel(shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
 }
 
 fn node_names(nodes: &[NodeSpec]) -> Result<Vec<String>> {
@@ -418,7 +444,10 @@ fn pooled(size: usize, kernel: usize, stride: usize, padding: usize) -> Result<u
     if kernel == 0 || stride == 0 {
         return Err("kernel and stride must be at least 1".into());
     }
-    let padded = size + 2 * padding;
+    let padded = padding
+        .checked_mul(2)
+        .and_then(|p| p.checked_add(size))
+        .ok_or_else(|| format!("padding {padding} is too large"))?;
     if padded < kernel {
         return Err(format!(
             "kernel {kernel} is larger than the padded input size {padded}"
@@ -516,7 +545,7 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
             padding,
         } => {
             let (c, h, w) = spatial(op.kind())?;
-            if 2 * padding > kernel {
+            if padding > kernel / 2 {
                 return Err(format!(
                     "padding {padding} is more than half the kernel {kernel}"
                 ));
@@ -535,7 +564,9 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
             }
             Ok(vec![c, output, output])
         }
-        Op::Flatten {} => Ok(vec![x.iter().product()]),
+        Op::Flatten {} => Ok(vec![
+            numel(x).ok_or_else(|| format!("{x:?} has too many elements"))?
+        ]),
         Op::Add {} => {
             if let Some(other) = inputs.iter().find(|s| **s != x) {
                 return Err(format!("inputs have different shapes: {x:?} and {other:?}"));
@@ -630,5 +661,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("fc2"), "{err}");
+    }
+
+    /// Found by fuzzing: element counts and padded sizes of a JSON spec
+    /// overflowed (a panic in debug builds, a wrapped shape in release).
+    #[test]
+    fn shapes_too_large_to_count_are_errors() {
+        let big = usize::MAX / 2;
+        let flatten = format!(
+            r#"{{"format":"nt.arch/v1","name":"x","input":[{big},{big},3],"nodes":[{{"op":"flatten"}}]}}"#
+        );
+        let err = Architecture::from_json(&flatten).unwrap_err().to_string();
+        assert!(err.contains("too many elements"), "{err}");
+        let padding = format!(
+            r#"{{"format":"nt.arch/v1","name":"x","input":[1,4,4],"nodes":[{{"name":"c","op":"conv2d","in":1,"out":1,"kernel":3,"padding":{big}}}]}}"#
+        );
+        let err = Architecture::from_json(&padding).unwrap_err().to_string();
+        assert!(err.contains("too large"), "{err}");
+        let weight = format!(
+            r#"{{"format":"nt.arch/v1","name":"x","input":[{big}],"nodes":[{{"name":"fc","op":"linear","in":{big},"out":{big}}}]}}"#
+        );
+        let err = Architecture::from_json(&weight).unwrap_err().to_string();
+        assert!(err.contains("elements"), "{err}");
     }
 }

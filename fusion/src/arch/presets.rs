@@ -56,7 +56,7 @@ pub fn preset(text: &str) -> Result<ArchSpec> {
         "resnet" => resnet(&mut opts, "resnet", None)?,
         _ => {
             return Err(FusionError::UnknownPreset {
-                name: name.to_string(),
+                name: crate::bounded(name.to_string()),
                 known: PRESETS
                     .iter()
                     .map(|(n, _)| *n)
@@ -68,6 +68,14 @@ pub fn preset(text: &str) -> Result<ArchSpec> {
     opts.finish()?;
     Ok(spec)
 }
+
+/// The largest value of a preset's size option (width, hidden, classes, ...):
+/// far past any service limit, small enough that no arithmetic on it overflows.
+pub const MAX_OPTION: usize = 1 << 24;
+
+/// Most layers (mlp depth, resnet blocks in all) and resnet stages of a preset.
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_STAGES: usize = 8;
 
 /// `key=value` options of a preset; every option must be used.
 struct Options {
@@ -103,10 +111,19 @@ impl Options {
         match self.values.remove(key) {
             None => Ok(default),
             Some(v) => match v.parse::<usize>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(self.bad(key, &v, "a positive integer")),
+                Ok(n) if (1..=MAX_OPTION).contains(&n) => Ok(n),
+                _ => Err(self.bad(key, &v, &format!("an integer from 1 to {MAX_OPTION}"))),
             },
         }
+    }
+
+    /// A number of layers, at most [`MAX_LAYERS`].
+    fn layers(&mut self, key: &str, default: usize) -> Result<usize> {
+        let n = self.usize(key, default)?;
+        if n > MAX_LAYERS {
+            return Err(self.bad(key, &n.to_string(), &format!("at most {MAX_LAYERS} layers")));
+        }
+        Ok(n)
     }
 
     fn bool(&mut self, key: &str, default: bool) -> Result<bool> {
@@ -127,13 +144,20 @@ impl Options {
             Some(v) => {
                 let parsed: Option<Vec<usize>> = v
                     .split(sep)
-                    .map(|p| p.trim().parse::<usize>().ok().filter(|n| *n > 0))
+                    .map(|p| {
+                        p.trim()
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|n| (1..=MAX_OPTION).contains(n))
+                    })
                     .collect();
-                parsed.ok_or_else(|| {
+                parsed.filter(|l| l.len() <= MAX_STAGES).ok_or_else(|| {
                     self.bad(
                         key,
                         &v,
-                        &format!("a list of positive integers separated by `{sep}`"),
+                        &format!(
+                            "a list of at most {MAX_STAGES} integers from 1 to {MAX_OPTION} separated by `{sep}`"
+                        ),
                     )
                 })
             }
@@ -270,7 +294,7 @@ impl SpecBuilder {
 fn mlp(o: &mut Options) -> Result<ArchSpec> {
     let input = o.list("input", 'x', vec![1, 28, 28])?;
     let hidden = o.usize("hidden", 512)?;
-    let depth = o.usize("depth", 3)?;
+    let depth = o.layers("depth", 3)?;
     let classes = o.usize("classes", 10)?;
     let bias = o.bool("bias", false)?;
     Ok(mlp_spec(&input, hidden, depth, classes, bias))
@@ -381,6 +405,11 @@ fn resnet(o: &mut Options, name: &str, fixed_blocks: Option<Vec<usize>>) -> Resu
         Some(b) => b,
         None => o.list("blocks", '-', vec![2, 2, 2, 2])?,
     };
+    if blocks.iter().sum::<usize>() > MAX_LAYERS {
+        return Err(FusionError::spec(format!(
+            "preset `{name}`: option blocks has more than {MAX_LAYERS} blocks in all"
+        )));
+    }
     let width = o.usize("width", 64)?;
     let channels = o.usize("channels", 3)?;
     let classes = o.usize("classes", 10)?;
@@ -522,5 +551,34 @@ mod tests {
         assert!(err.contains("hidden=zero"), "{err}");
         let err = preset("alexnet").unwrap_err().to_string();
         assert!(err.contains("alexnet") && err.contains("resnet18"), "{err}");
+    }
+
+    /// Found by fuzzing: `resnet:blocks=40737095516100` built 40 trillion
+    /// blocks (the coordinator ran out of memory validating a submission),
+    /// `vgg11:width=...` overflowed a multiplication, and a long `blocks`
+    /// list overflowed a shift.
+    #[test]
+    fn sizes_and_layer_counts_are_bounded() {
+        for text in [
+            "resnet:blocks=40737095516100",
+            "resnet:blocks=600-600",
+            "resnet:blocks=1-1-1-1-1-1-1-1-1",
+            "mlp:depth=1000000000",
+            "vgg11:width=4611686018427387904",
+            "mlp:hidden=16777217",
+            "mlp:input=16777217x1x1",
+        ] {
+            let started = std::time::Instant::now();
+            let err = preset(text).unwrap_err().to_string();
+            assert!(started.elapsed().as_secs() < 1, "{text}");
+            assert!(
+                err.contains("at most")
+                    || err.contains("more than 1024")
+                    || err.contains("to 16777216"),
+                "{text}: {err}"
+            );
+        }
+        assert!(preset("resnet:blocks=2-2-2-2,width=8").is_ok());
+        assert!(preset("mlp:hidden=16777216,depth=2").is_ok());
     }
 }
