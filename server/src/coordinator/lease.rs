@@ -246,7 +246,7 @@ impl StoreLease {
             released: true,
         };
         let key = layout::coordinator_lease();
-        if self.still_ours(&key).await {
+        if matches!(self.still_ours(&key).await, Ok(true)) {
             match self.storage.update(&key, record.bytes(), &version).await {
                 Ok(_) => info!("released the store lease"),
                 Err(e) => warn!(error = %e, "could not release the store lease"),
@@ -256,12 +256,13 @@ impl StoreLease {
 
     /// On a store without compare-and-swap, whether the stored lease is
     /// still this holder's (read back before writing over it).
-    async fn still_ours(&self, key: &str) -> bool {
+    /// A store that does not answer is an error (retried), not a lost lease.
+    async fn still_ours(&self, key: &str) -> Result<bool> {
         if self.storage.conditional_updates {
-            return true;
+            return Ok(true);
         }
-        matches!(read(&self.storage, key).await,
-            Ok(Some((r, _))) if r.holder == self.holder && r.epoch == self.epoch && !r.released)
+        Ok(matches!(read(&self.storage, key).await?,
+            Some((r, _)) if r.holder == self.holder && r.epoch == self.epoch && !r.released))
     }
 
     /// One renewal. `Ok(false)` when the lease turned out to be someone else's.
@@ -282,7 +283,7 @@ impl StoreLease {
             released: false,
         };
         let started = Instant::now();
-        if !self.still_ours(&key).await {
+        if !self.still_ours(&key).await? {
             return Ok(false);
         }
         let version = match self.storage.update(&key, record.bytes(), &version).await {

@@ -185,3 +185,20 @@ async fn writes_stop_when_the_store_has_not_confirmed_the_lease_in_time() {
     assert!(lease.renew_once().await.unwrap());
     assert_eq!(lease.check().unwrap(), 1);
 }
+
+#[tokio::test]
+async fn on_a_local_folder_a_second_coordinator_is_refused_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(&nt_common::storage::StorageArgs::local(dir.path())).unwrap();
+    assert!(!storage.conditional_updates);
+    let first = start(&storage).await.unwrap();
+    let Err(e) = start(&storage).await else {
+        panic!("a second coordinator started on a held folder");
+    };
+    assert!(e.contains("only one coordinator may use a store"), "{e}");
+    // Renewals go on, and a clean close lets the next one in at once.
+    tokio::time::sleep(TTL).await;
+    assert!(first.lease_lost().is_none());
+    first.close().await;
+    start(&storage).await.unwrap();
+}
