@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline gpu-check
+.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline soak gpu-check
 
 setup:
 	./scripts/setup.sh
@@ -50,6 +50,12 @@ bench-pipeline: build
 	$(ENV) target/release/coordinator-bench
 	$(ENV) target/release/storage-bench
 	$(ENV) target/release/run-overhead --epochs 10
+
+# Not part of `bench`: 1,000 runs held for at least 10 minutes (see README,
+# Performance). Fails when a run or task is lost or duplicated.
+soak: build
+	$(ENV) $${CARGO_TARGET_DIR:-target}/release/soak --runs 1000 --workers 64 --watchers 20 \
+		--min-seconds 600 --out bench/results/soak-$$(date +%F)-cpu$$(nproc).txt
 
 # Packs .gpu/ for the GPU machine; run `bench/gpu_check.sh run` there.
 gpu-check:

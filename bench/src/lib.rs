@@ -1,5 +1,7 @@
 //! Shared helpers of the benchmark binaries.
 
+pub mod soak;
+
 use std::time::Duration;
 
 /// The p-th percentile (0..=100) of samples, by nearest rank.
