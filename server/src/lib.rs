@@ -16,6 +16,7 @@ use nt_proto::tonic::transport::Server;
 use nt_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ServerArgs;
@@ -91,6 +92,14 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     tracing::info!(addr = %listener.local_addr()?, "serving");
+    // Replies of several segments (GetRun) must not wait for the client's
+    // delayed ACK: Nagle off on every connection (a 40 ms floor otherwise).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
     let health_shutdown = health_reporter.clone();
     let drain_deadline = shutdown.clone();
     let serving = builder
@@ -98,7 +107,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(run_service)
         .add_service(worker_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.cancelled().await;
             // Draining: every service, and the server as a whole, stops serving.
             health_shutdown

@@ -177,7 +177,11 @@ impl RunApi for Coordinator {
                 })),
             });
         }
-        let live = (!book.state().is_final()).then(|| slot.tx.subscribe());
+        let live = if book.state().is_final() {
+            None
+        } else {
+            lock(&slot.tx).as_ref().map(broadcast::Sender::subscribe)
+        };
         Ok((past, live))
     }
 

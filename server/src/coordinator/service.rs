@@ -26,6 +26,9 @@ use crate::metrics::Metrics;
 
 /// Events kept in memory per run for late watchers.
 const EVENT_HISTORY: usize = 20_000;
+/// Events a finished run keeps (its end among them): enough for a watcher
+/// that reconnects, little for a coordinator holding thousands of runs.
+const FINISHED_HISTORY: usize = 256;
 
 /// Locks a std mutex, carrying on after a panic elsewhere (the data are
 /// only ever replaced whole, never left half-changed).
@@ -41,7 +44,9 @@ pub(super) struct RunSlot {
     pub(super) book: Mutex<Runbook>,
     /// Recent events, for watchers that join late.
     pub(super) events: Mutex<VecDeque<pb::RunEvent>>,
-    pub(super) tx: broadcast::Sender<pb::RunEvent>,
+    /// Live events for watchers; dropped once the run is final (its
+    /// preallocated buffer is most of a finished run's memory).
+    pub(super) tx: Mutex<Option<broadcast::Sender<pb::RunEvent>>>,
 }
 
 impl RunSlot {
@@ -50,7 +55,7 @@ impl RunSlot {
             write: tokio::sync::Mutex::new(()),
             book: Mutex::new(book),
             events: Mutex::new(VecDeque::new()),
-            tx: broadcast::channel(1024).0,
+            tx: Mutex::new(Some(broadcast::channel(1024).0)),
         })
     }
 }
@@ -73,10 +78,19 @@ fn publish(slot: &RunSlot, next: Option<Runbook>, effects: Vec<Effect>) -> Vec<E
                     events.pop_front();
                 }
                 events.push_back(event.clone());
-                let _ = slot.tx.send(event);
+                if let Some(tx) = lock(&slot.tx).as_ref() {
+                    let _ = tx.send(event);
+                }
             }
             other => rest.push(other),
         }
+    }
+    if book.state().is_final() {
+        // Watchers already subscribed drain what was sent, then see the end.
+        lock(&slot.tx).take();
+        let excess = events.len().saturating_sub(FINISHED_HISTORY);
+        events.drain(..excess);
+        events.shrink_to_fit();
     }
     rest
 }
