@@ -37,8 +37,10 @@ lint: setup
 
 bench: bench-fusion bench-throughput bench-paper bench-pipeline
 
+# POT (the reference OT's exact solver) only for this benchmark, installed on demand.
 bench-fusion: build
-	$(ENV) python3 bench/fusion_bench.py
+	$(ENV) (python3 -c 'import ot' 2>/dev/null || python3 -m pip install --quiet 'POT==0.9.7.post1')
+	$(ENV) python3 bench/fusion_bench.py --json target/bench-fusion.json --plot target/bench-fusion.svg
 
 bench-throughput: build
 	$(ENV) python3 bench/throughput.py
