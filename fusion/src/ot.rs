@@ -32,7 +32,7 @@
 //! residual additions are refused: the reference does not define them.
 
 use crate::arch::{Architecture, Op, ParamRole};
-use crate::coupling::{Coupling, GroupKind};
+use crate::coupling::Coupling;
 use crate::state::{DType, HostTensor, StateDict};
 use crate::{assignment, FusionError, Result};
 
@@ -139,6 +139,7 @@ fn correct_inputs(w: &[f32], rows: usize, plan: &Plan, inner: usize, scale: f32)
 }
 
 /// Rows in member 0's order: row `c0` is member j's row `plan[c0]`, scaled.
+#[cfg(test)]
 fn permute_rows(w: &[f32], row_len: usize, plan: &Plan, scale: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(w.len());
     for &cj in plan {
@@ -151,34 +152,33 @@ fn permute_rows(w: &[f32], row_len: usize, plan: &Plan, scale: f32) -> Vec<f32> 
     out
 }
 
-/// Member `j` aligned to member 0: every layer's tensors in member 0's
-/// neuron order.
-fn align(
+/// Adds member `j`, aligned to member 0, into `sums` (one running sum per
+/// parameter of `params`, in that order), layer by layer: only one layer's
+/// corrected copy is held at a time, never a whole aligned member.
+fn add_aligned(
     arch: &Architecture,
     coupling: &Coupling,
+    params: &[crate::arch::ParamSpec],
     reference: &StateDict,
     member: &StateDict,
     j: usize,
-) -> Result<StateDict> {
-    let params = arch.params();
+    sums: &mut [Vec<f32>],
+) -> Result<()> {
     let mut plans: Vec<Option<Plan>> = vec![None; coupling.groups().len()];
-    let mut aligned = StateDict::default();
     for &node in arch.order() {
         let Some(ports) = coupling.ports(node) else {
             continue;
         };
         let layer = &arch.nodes()[node].name;
-        let weight = params
-            .iter()
-            .find(|p| p.node == node && p.role == ParamRole::Weight)
+        let find = |role: ParamRole| params.iter().position(|p| p.node == node && p.role == role);
+        let wi = find(ParamRole::Weight)
             .ok_or_else(|| FusionError::Members(format!("layer `{layer}` has no weight")))?;
-        let bias = params
-            .iter()
-            .find(|p| p.node == node && p.role == ParamRole::Bias);
+        let bi = find(ParamRole::Bias);
+        let weight = &params[wi];
         let rows = weight.shape[0];
         let row_len = weight.shape[1..].iter().product::<usize>();
         let w = f32_of(member, &weight.name, j)?;
-        let b = bias.map(|p| f32_of(member, &p.name, j)).transpose()?;
+        let b = bi.map(|i| f32_of(member, &params[i].name, j)).transpose()?;
         if w.iter().chain(b.unwrap_or(&[])).any(|x| !x.is_finite()) {
             return Err(FusionError::Members(format!(
                 "member {j}: layer `{layer}` has a non-finite weight; OT's ground metric \
@@ -197,27 +197,30 @@ fn align(
 
         // 2-4. Neurons are matched to member 0's: a hidden layer's, and the
         // output layer's too, as the reference does (see the module docs).
-        let out_group = coupling.group(ports.output);
-        let (w_aligned, b_aligned) = if out_group.kind != GroupKind::Input {
-            let w0 = f32_of(reference, &weight.name, 0)?;
-            let b0 = bias.map(|p| f32_of(reference, &p.name, 0)).transpose()?;
-            let plan = match_neurons(rows, row_len, &corrected, b, w0, b0);
-            let w_aligned = permute_rows(&corrected, row_len, &plan, plan_scale(rows));
-            let b_aligned = b.map(|b| plan.iter().map(|&cj| b[cj]).collect::<Vec<_>>());
-            plans[ports.output] = Some(plan);
-            (w_aligned, b_aligned)
-        } else {
-            (corrected.into_owned(), b.map(<[f32]>::to_vec))
-        };
-        aligned.insert(
-            weight.name.clone(),
-            HostTensor::f32(weight.shape.clone(), w_aligned),
-        );
-        if let (Some(p), Some(b)) = (bias, b_aligned) {
-            aligned.insert(p.name.clone(), HostTensor::f32(p.shape.clone(), b));
+        // Every producer writes a hidden or the output group.
+        let w0 = f32_of(reference, &weight.name, 0)?;
+        let b0 = bi
+            .map(|i| f32_of(reference, &params[i].name, 0))
+            .transpose()?;
+        let plan = match_neurons(rows, row_len, &corrected, b, w0, b0);
+        let scale = plan_scale(rows);
+        // `Tᵀ W`: row c0 of the aligned layer is row plan[c0], scaled (one
+        // f32 product, then the sum, as the reference rounds).
+        for (c0, &cj) in plan.iter().enumerate() {
+            let src = &corrected[cj * row_len..(cj + 1) * row_len];
+            let dst = &mut sums[wi][c0 * row_len..(c0 + 1) * row_len];
+            for (s, x) in dst.iter_mut().zip(src) {
+                *s += x * scale;
+            }
         }
+        if let (Some(bi), Some(b)) = (bi, b) {
+            for (c0, &cj) in plan.iter().enumerate() {
+                sums[bi][c0] += b[cj];
+            }
+        }
+        plans[ports.output] = Some(plan);
     }
-    Ok(aligned)
+    Ok(())
 }
 
 /// The plan of one layer: the assignment of member j's neurons to member
@@ -278,13 +281,7 @@ pub fn fuse(arch: &Architecture, coupling: &Coupling, members: &[&StateDict]) ->
         .map(|p| f32_of(members[0], &p.name, 0).map(<[f32]>::to_vec))
         .collect::<Result<_>>()?;
     for (j, member) in members.iter().enumerate().skip(1) {
-        let aligned = align(arch, coupling, members[0], member, j)?;
-        for (p, sum) in params.iter().zip(&mut sums) {
-            let a = f32_of(&aligned, &p.name, j)?;
-            for (s, x) in sum.iter_mut().zip(a) {
-                *s += x;
-            }
-        }
+        add_aligned(arch, coupling, &params, members[0], member, j, &mut sums)?;
     }
     let mut state = StateDict::default();
     for (p, mut sum) in params.into_iter().zip(sums) {
@@ -300,6 +297,7 @@ mod tests {
     use super::*;
     use crate::arch::resolve;
     use crate::check::NoCheck;
+    use crate::coupling::GroupKind;
     use crate::methods::{fuse as fuse_with, Method};
 
     fn random_member(arch: &Architecture, seed: u64) -> StateDict {

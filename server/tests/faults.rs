@@ -152,7 +152,7 @@ async fn the_store_frozen_for_30_s_mid_fusion_is_waited_out() {
             == 1
     })
     .await;
-    proxy.set_latency(Duration::from_millis(400));
+    proxy.set_latency(Duration::from_millis(1000));
     c.wait_for(&run_id, LONG, |r| state(r) == pb::RunState::Fusing)
         .await;
     c.seaweed.as_mut().unwrap().proc.freeze();
@@ -224,7 +224,7 @@ async fn the_coordinator_killed_right_after_a_member_upload_and_during_fusion_re
     c.kill_server();
     c.start_server();
     // Then again while it fuses (the store slowed so fusion takes a while).
-    proxy.set_latency(Duration::from_millis(300));
+    proxy.set_latency(Duration::from_millis(1000));
     c.wait_for(&run_id, LONG, |r| state(r) == pb::RunState::Fusing)
         .await;
     c.kill_server();
