@@ -15,19 +15,33 @@ async fn main() -> Result<()> {
     nt_common::telemetry::init(args.log_format);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let metrics_listener = if args.metrics_listen.is_empty() {
-        None
-    } else {
-        Some(
-            tokio::net::TcpListener::bind(&args.metrics_listen)
-                .await
-                .with_context(|| format!("binding {}", args.metrics_listen))?,
-        )
-    };
+    // The store first (its lease, the stored runs), then the ports: a port
+    // that accepts connections belongs to a coordinator ready to serve.
     let coordinator = nt_server::start_coordinator(&args, shutdown.clone()).await?;
+    let bound = async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let metrics_listener = if args.metrics_listen.is_empty() {
+            None
+        } else {
+            Some(
+                tokio::net::TcpListener::bind(&args.metrics_listen)
+                    .await
+                    .with_context(|| format!("binding {}", args.metrics_listen))?,
+            )
+        };
+        anyhow::Ok((listener, metrics_listener))
+    }
+    .await;
+    let (listener, metrics_listener) = match bound {
+        Ok(b) => b,
+        Err(e) => {
+            // Released, so the next start does not wait for the lease.
+            coordinator.close().await;
+            return Err(e);
+        }
+    };
     let served = nt_server::serve(
         &args,
         coordinator.clone(),
