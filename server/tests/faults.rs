@@ -16,6 +16,14 @@ use nt_testkit::cluster::{self, is_final, serial, small_spec, state, submit, Clu
 
 const LONG: Duration = Duration::from_secs(420);
 
+/// A store slowed to a second per request answers a lease renewal in one
+/// to two seconds: the coordinator's store lease must live longer than that
+/// (in production it lives 15 s), or the coordinator would rightly stop
+/// writing for want of the store's confirmation.
+fn slow_store_lease(c: &mut Cluster) {
+    c.store_lease_ttl_ms = 6000;
+}
+
 /// The run succeeded, and everything it names is in the store.
 async fn finished_with_nothing_lost(c: &Cluster, run_id: &str) -> pb::Run {
     let run = c.wait_for(run_id, LONG, is_final).await;
@@ -138,6 +146,7 @@ async fn the_store_frozen_for_30_s_mid_fusion_is_waited_out() {
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
     let proxy = c.proxy_store();
+    slow_store_lease(&mut c);
     c.start_server();
     c.start_worker("w1");
     let run_id = run_id_of(&c, small_spec(1, 2000)).await;
@@ -168,6 +177,7 @@ async fn a_worker_killed_while_uploading_a_checkpoint_is_replaced() {
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
     let proxy = c.proxy_store();
+    slow_store_lease(&mut c);
     proxy.set_latency(Duration::from_millis(300));
     c.start_server();
     c.start_worker("w1");
@@ -194,6 +204,7 @@ async fn a_worker_killed_after_its_model_upload_while_reporting_completion_is_re
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
     let proxy = c.proxy_store();
+    slow_store_lease(&mut c);
     c.start_server();
     c.start_worker("w1");
     let run_id = run_id_of(&c, small_spec(1, 2000)).await;
@@ -213,6 +224,7 @@ async fn the_coordinator_killed_right_after_a_member_upload_and_during_fusion_re
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
     let proxy = c.proxy_store();
+    slow_store_lease(&mut c);
     c.start_server();
     c.start_worker("w1");
     let run_id = run_id_of(&c, small_spec(1, 2000)).await;
@@ -269,6 +281,7 @@ async fn a_slow_store_slows_a_run_down_without_failing_it() {
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
     let proxy = c.proxy_store();
+    slow_store_lease(&mut c);
     proxy.set_latency(Duration::from_millis(250));
     c.start_server();
     c.start_worker("w1");

@@ -174,10 +174,13 @@ impl JobIo for StoreIo<'_> {
                     io: self,
                     prefix: prefix.to_string(),
                 }),
-                None => Box::new(LocalDir(allowed_data_dir(
-                    &spec.location().unwrap_or_default(),
-                    &self.0.data_dirs,
-                )?)),
+                // A data set with files (a folder given, or the default
+                // data set's) reads them only within the data folders; one
+                // without (synthetic) reads none.
+                None => Box::new(LocalDir(match spec.location().filter(|d| !d.is_empty()) {
+                    Some(dir) => allowed_data_dir(&dir, &self.0.data_dirs)?,
+                    None => std::path::PathBuf::new(),
+                })),
             },
         )
     }
