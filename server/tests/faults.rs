@@ -251,7 +251,8 @@ async fn a_worker_frozen_past_its_lease_is_refused_when_it_wakes_and_the_task_ru
     let mut c = Cluster::new(StoreKind::S3);
     c.start_server();
     c.start_worker("w1");
-    let run_id = run_id_of(&c, small_spec(4, 4000)).await;
+    // Long enough that the task cannot finish before the freeze.
+    let run_id = run_id_of(&c, small_spec(20, 6000)).await;
     c.wait_for(&run_id, LONG, |r| {
         r.tasks
             .iter()
