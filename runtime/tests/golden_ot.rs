@@ -65,6 +65,16 @@ fn load(case: &str) -> (Vec<StateDict>, StateDict, StateDict) {
     (members, fused, io)
 }
 
+/// The largest difference between two float tensors.
+fn max_diff(a: &fusion::state::HostTensor, b: &fusion::state::HostTensor) -> f32 {
+    a.as_f32()
+        .unwrap()
+        .iter()
+        .zip(b.as_f32().unwrap())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 fn check(case: &str) -> StateDict {
     let arch = arch(case);
     let (members, golden, io) = load(case);
@@ -73,13 +83,7 @@ fn check(case: &str) -> StateDict {
     for (name, want) in &golden.tensors {
         let got = fused.state.get(name).unwrap();
         assert_eq!(got.shape(), want.shape(), "{case}: {name} shape");
-        let worst = got
-            .as_f32()
-            .unwrap()
-            .iter()
-            .zip(want.as_f32().unwrap())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_diff(got, want);
         assert!(worst <= 1e-5, "{case}: {name} differs by {worst}");
     }
     let input = io.get("input").unwrap().to_tch();
@@ -108,15 +112,7 @@ fn ot_of_a_permuted_copy_recovers_member_0() {
     let fused = check("ot_mlp_permuted_copy");
     let (members, _, _) = load("ot_mlp_permuted_copy");
     for (name, want) in &members[0].tensors {
-        let worst = fused
-            .get(name)
-            .unwrap()
-            .as_f32()
-            .unwrap()
-            .iter()
-            .zip(want.as_f32().unwrap())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_diff(fused.get(name).unwrap(), want);
         assert!(worst <= 1e-5, "{name} differs from member 0's by {worst}");
     }
 }

@@ -53,6 +53,17 @@ struct LeaseRecord {
 }
 
 impl LeaseRecord {
+    /// `holder`'s lease at `epoch`, renewed now.
+    fn new(holder: &str, epoch: u64, ttl: Duration, released: bool) -> Self {
+        LeaseRecord {
+            holder: holder.to_string(),
+            epoch,
+            ttl_ms: ttl.as_millis() as u64,
+            renewed_ms: now_ms(),
+            released,
+        }
+    }
+
     fn bytes(&self) -> Bytes {
         Bytes::from(serde_json::to_vec_pretty(self).unwrap_or_default())
     }
@@ -114,13 +125,7 @@ impl StoreLease {
         let (epoch, version, started) = loop {
             let started = Instant::now();
             let Some((record, version)) = read(&storage, &key).await? else {
-                let record = LeaseRecord {
-                    holder: holder.clone(),
-                    epoch: 1,
-                    ttl_ms: ttl.as_millis() as u64,
-                    renewed_ms: now_ms(),
-                    released: false,
-                };
+                let record = LeaseRecord::new(&holder, 1, ttl, false);
                 match storage.create(&key, record.bytes()).await {
                     Ok(v) => break (1, v, started),
                     Err(WriteError::AlreadyExists(_)) => continue,
@@ -132,13 +137,7 @@ impl StoreLease {
             } else {
                 watch(&storage, &key, &record, version, &shutdown).await?
             };
-            let record = LeaseRecord {
-                holder: holder.clone(),
-                epoch: record.epoch + 1,
-                ttl_ms: ttl.as_millis() as u64,
-                renewed_ms: now_ms(),
-                released: false,
-            };
+            let record = LeaseRecord::new(&holder, record.epoch + 1, ttl, false);
             let started = Instant::now();
             match storage.update(&key, record.bytes(), &version).await {
                 Ok(v) => break (record.epoch, v, started),
@@ -238,13 +237,7 @@ impl StoreLease {
             held.released = true;
             held.version.clone()
         };
-        let record = LeaseRecord {
-            holder: self.holder.clone(),
-            epoch: self.epoch,
-            ttl_ms: self.ttl.as_millis() as u64,
-            renewed_ms: now_ms(),
-            released: true,
-        };
+        let record = LeaseRecord::new(&self.holder, self.epoch, self.ttl, true);
         let key = layout::coordinator_lease();
         if matches!(self.still_ours(&key).await, Ok(true)) {
             match self.storage.update(&key, record.bytes(), &version).await {
@@ -275,13 +268,7 @@ impl StoreLease {
             }
             held.version.clone()
         };
-        let record = LeaseRecord {
-            holder: self.holder.clone(),
-            epoch: self.epoch,
-            ttl_ms: self.ttl.as_millis() as u64,
-            renewed_ms: now_ms(),
-            released: false,
-        };
+        let record = LeaseRecord::new(&self.holder, self.epoch, self.ttl, false);
         let started = Instant::now();
         if !self.still_ours(&key).await? {
             return Ok(false);
