@@ -16,6 +16,9 @@ demo: setup
 	$(ENV) cargo build --release -p ntctl
 	$(ENV) target/release/ntctl run examples/fashion-mlp.yaml --local --plot nt-demo-curves.png
 
+# CARGO_INCREMENTAL=0: a fresh clone gains nothing from incremental caches,
+# which would add gigabytes to the build's disk footprint.
+test: export CARGO_INCREMENTAL := 0
 test: setup
 	$(ENV) cargo build --workspace --all-targets
 	$(ENV) python3 scripts/check_layout.py .
