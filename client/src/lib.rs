@@ -10,6 +10,7 @@
 //! ```
 
 pub mod config;
+pub mod experiment;
 pub mod follow;
 pub mod report;
 pub mod specfile;

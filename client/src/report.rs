@@ -69,6 +69,60 @@ pub fn rows(run: &pb::Run) -> Vec<Row> {
         if let Some(m) = &f.after_fine_tuning {
             out.push(row(format!("{name} after fine-tuning"), m));
         }
+        if let Some(m) = &f.after_distilled_fine_tuning {
+            out.push(row(format!("{name} after distilled fine-tuning"), m));
+        }
+    }
+    if let Some(b) = &report.baseline {
+        out.push(row("baseline (member 0 trained on)".into(), b));
+    }
+    out
+}
+
+/// A fine-tuned model of a run with where it started: each fused method
+/// (and its distilled variant), and the compute-matched baseline.
+#[derive(Clone, Debug)]
+pub struct Tuned<'a> {
+    /// `nt`, `nt (distilled)`, `baseline`.
+    pub name: String,
+    /// Test accuracy at epoch 0: right after fusion (member 0's for the baseline).
+    pub start: Option<f64>,
+    /// Test accuracy after the last epoch.
+    pub end: Option<f64>,
+    /// Its fine-tuning curve, when reported.
+    pub curve: Option<&'a pb::Curve>,
+}
+
+/// Every fine-tuned model of a report, in report order.
+pub fn tuned(report: &pb::RunReport) -> Vec<Tuned<'_>> {
+    let curve = |name: String| report.curves.iter().find(|c| c.name == name);
+    let accuracy = |m: Option<&pb::ModelReport>| m.and_then(|m| evaluated(m).0);
+    let mut out = Vec::new();
+    for f in &report.fused {
+        let method = method_name(f.method);
+        let start = accuracy(f.after_fusion.as_ref());
+        out.push(Tuned {
+            name: method.clone(),
+            start,
+            end: accuracy(f.after_fine_tuning.as_ref()),
+            curve: curve(format!("{method} fine-tuning")),
+        });
+        if let Some(m) = &f.after_distilled_fine_tuning {
+            out.push(Tuned {
+                name: format!("{method} (distilled)"),
+                start,
+                end: accuracy(Some(m)),
+                curve: curve(format!("{method} fine-tuning (distilled)")),
+            });
+        }
+    }
+    if let Some(b) = &report.baseline {
+        out.push(Tuned {
+            name: "baseline".into(),
+            start: accuracy(report.members.first()),
+            end: accuracy(Some(b)),
+            curve: curve("baseline".into()),
+        });
     }
     out
 }
@@ -95,7 +149,7 @@ pub fn diverged(run: &pb::Run) -> Vec<String> {
         .collect()
 }
 
-/// For each fused method, the first fine-tuning epoch whose evaluation
+/// For each fine-tuned model ([`tuned`]), the first epoch whose evaluation
 /// accuracy reaches the best member's (`None`: not within the epochs run),
 /// and the epochs its curve has. The paper's measure of how much
 /// fine-tuning a fusion method needs. Curves are on the evaluation set (the
@@ -105,21 +159,16 @@ pub fn epochs_to_best_member(run: &pb::Run) -> Vec<(String, Option<u32>, usize)>
     let (Some(report), Some(best)) = (run.report.as_ref(), best_member(run)) else {
         return Vec::new();
     };
-    report
-        .fused
-        .iter()
-        .filter_map(|f| {
-            let method = method_name(f.method);
-            let curve = report
-                .curves
-                .iter()
-                .find(|c| c.name == format!("{method} fine-tuning"))?;
+    tuned(report)
+        .into_iter()
+        .filter_map(|t| {
+            let curve = t.curve?;
             let reached = curve
                 .points
                 .iter()
                 .find(|p| p.eval_accuracy >= best)
                 .map(|p| p.epoch);
-            Some((method, reached, curve.points.len()))
+            Some((t.name, reached, curve.points.len()))
         })
         .collect()
 }
@@ -139,6 +188,11 @@ pub fn fine_tuned_accuracy(run: &pb::Run, method: Option<&str>) -> Option<f64> {
 
 fn percent(a: Option<f64>) -> String {
     a.map_or_else(|| "-".into(), |a| format!("{:.2} %", 100.0 * a))
+}
+
+/// Bytes as MiB with one decimal.
+pub fn mebibytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn group(n: u64) -> String {
@@ -204,7 +258,13 @@ pub fn text(run: &pb::Run) -> String {
         let fusion: Vec<String> = report
             .fused
             .iter()
-            .map(|f| format!("{} {:.3} s", method_name(f.method), f.fusion_seconds))
+            .map(|f| {
+                let peak = match f.fusion_peak_bytes {
+                    0 => String::new(),
+                    b => format!(" ({} peak)", mebibytes(b)),
+                };
+                format!("{} {:.3} s{peak}", method_name(f.method), f.fusion_seconds)
+            })
             .collect();
         if !fusion.is_empty() {
             let _ = writeln!(out, "\nfusion time: {}", fusion.join(", "));
@@ -288,33 +348,46 @@ pub fn csv(run: &pb::Run) -> String {
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
+/// Makes the embedded font plotters' `sans-serif`. Registering twice is
+/// harmless; it fails only for an invalid font.
+pub(crate) fn register_font() -> Result<()> {
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded font is invalid"))
+}
+
+/// The colour of the `i`th curve of a plot.
+pub(crate) fn series_color(i: usize) -> plotters::style::RGBColor {
+    use plotters::style::colors::*;
+    use plotters::style::RGBColor;
+    let palette = [
+        BLUE,
+        RED,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(140, 80, 20),
+        RGBColor(120, 0, 160),
+    ];
+    palette[i % palette.len()]
+}
+
 /// Writes the fine-tuning curves (evaluation accuracy per epoch, epoch 0 is
 /// right after fusion) with the members and the ensemble as horizontal
 /// reference lines, as a `width` x `height` PNG.
 pub fn plot(run: &pb::Run, path: &Path, width: u32, height: u32) -> Result<()> {
     use plotters::prelude::*;
-    use plotters::style::FontStyle;
 
     let report = run
         .report
         .as_ref()
         .ok_or_else(|| anyhow!("run {} has no report yet", run.run_id))?;
-    // Registering twice is harmless; it fails only for an invalid font.
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| anyhow!("the embedded font is invalid"))?;
+    register_font()?;
 
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for f in &report.fused {
-        let name = method_name(f.method);
-        let mut points = Vec::new();
-        if let Some(a) = f.after_fusion.as_ref().and_then(|m| evaluated(m).0) {
-            points.push((0.0, 100.0 * a));
-        }
-        if let Some(c) = report
-            .curves
-            .iter()
-            .find(|c| c.name == format!("{name} fine-tuning"))
-        {
+    for t in tuned(report) {
+        let mut points: Vec<(f64, f64)> = t.start.map(|a| (0.0, 100.0 * a)).into_iter().collect();
+        if let Some(c) = t.curve {
             points.extend(
                 c.points
                     .iter()
@@ -322,7 +395,7 @@ pub fn plot(run: &pb::Run, path: &Path, width: u32, height: u32) -> Result<()> {
             );
         }
         if !points.is_empty() {
-            series.push((name, points));
+            series.push((t.name, points));
         }
     }
     let references: Vec<(String, f64)> = report
@@ -375,9 +448,8 @@ pub fn plot(run: &pb::Run, path: &Path, width: u32, height: u32) -> Result<()> {
         .y_desc("accuracy (%)")
         .label_style(("sans-serif", 14))
         .draw()?;
-    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (i, (name, points)) in series.iter().enumerate() {
-        let color = palette[i % palette.len()];
+        let color = series_color(i);
         // The accuracy right after fusion is often far below the chart.
         let label = match points.first() {
             Some((e, a)) if *e == 0.0 && *a < lo => format!("{name} ({a:.2} % right after fusion)"),
@@ -446,7 +518,7 @@ mod tests {
                     after_fusion: Some(model("nt", 0.86)),
                     after_fine_tuning: Some(model("nt after fine-tuning", 0.891)),
                     fusion_seconds: 0.05,
-                    groups: vec![],
+                    ..Default::default()
                 }],
                 curves: vec![pb::Curve {
                     name: "nt fine-tuning".into(),
@@ -458,7 +530,7 @@ mod tests {
                         })
                         .collect(),
                 }],
-                timings: None,
+                ..Default::default()
             }),
             ..Default::default()
         }

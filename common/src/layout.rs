@@ -6,6 +6,8 @@
 //! runs/<run>/members/<i>.safetensors                 accepted member checkpoints
 //! runs/<run>/fused/<method>.safetensors              fused models, right after fusion
 //! runs/<run>/fine-tuned/<method>.safetensors         fused models after fine-tuning
+//! runs/<run>/fine-tuned/<method>-distilled.safetensors   ... after fine-tuning with distillation
+//! runs/<run>/fine-tuned/baseline.safetensors         member 0 trained on (the comparison's baseline)
 //! runs/<run>/tasks/<task>/attempt-<n>/epoch-<e>.state.safetensors   resumable epoch states
 //! runs/<run>/tasks/<task>/attempt-<n>/model.safetensors             an attempt's final model
 //! requests/<hex of the request id>.json              idempotency: request id -> run id
@@ -34,6 +36,14 @@ pub fn fused(run: &str, method: &str) -> String {
 
 pub fn fine_tuned(run: &str, method: &str) -> String {
     format!("runs/{run}/fine-tuned/{method}.safetensors")
+}
+
+pub fn fine_tuned_distilled(run: &str, method: &str) -> String {
+    format!("runs/{run}/fine-tuned/{method}-distilled.safetensors")
+}
+
+pub fn baseline(run: &str) -> String {
+    format!("runs/{run}/fine-tuned/baseline.safetensors")
 }
 
 /// The folder an attempt writes into (`task` is the task's local name).

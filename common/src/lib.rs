@@ -2,6 +2,7 @@
 //! layout, authentication, TLS and logging. No libtorch.
 
 pub mod auth;
+pub mod heap;
 pub mod layout;
 pub mod storage;
 pub mod telemetry;

@@ -14,8 +14,10 @@ use output::{Exit, OutputFormat};
 /// mimalloc, built with `override`, also serves libtorch's own allocations:
 /// freed activation buffers are reused instead of being returned to the
 /// kernel and faulted in again, which glibc's malloc does for large blocks.
+/// Counted, so the in-process coordinator can report a fusion's peak memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: nt_common::heap::Counting<mimalloc::MiMalloc> =
+    nt_common::heap::Counting(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +51,9 @@ enum Command {
     /// Run a spec end to end on this machine: in-process coordinator and
     /// worker, local store (the embedded default).
     Run(Box<cmd::run_local::RunArgs>),
+    /// Repeat a run spec over seeds and member counts and aggregate the
+    /// comparison (mean and standard deviation, curves with bands).
+    Experiment(Box<cmd::experiment::ExperimentArgs>),
     /// Submit a run spec to a coordinator (--wait to follow it to its end).
     Submit(Box<cmd::remote::SubmitArgs>),
     /// Follow a run with progress bars until it ends, then print its report.
@@ -88,6 +93,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => cmd::eval::run(args, output),
         Command::Arch(args) => cmd::arch::run(args, output),
         Command::Run(args) => runtime()?.block_on(cmd::run_local::run(*args, &connect, output)),
+        Command::Experiment(args) => {
+            runtime()?.block_on(cmd::experiment::run(*args, &connect, output))
+        }
         Command::Submit(args) => runtime()?.block_on(cmd::remote::submit(*args, &connect, output)),
         Command::Watch(args) => runtime()?.block_on(cmd::remote::watch(args, &connect, output)),
         Command::Get(args) => runtime()?.block_on(cmd::remote::get(args, &connect, output)),

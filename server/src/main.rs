@@ -6,8 +6,10 @@ use tokio_util::sync::CancellationToken;
 
 use nt_server::ServerArgs;
 
+/// Counted, so a run's report can state each fusion's peak memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: nt_common::heap::Counting<mimalloc::MiMalloc> =
+    nt_common::heap::Counting(mimalloc::MiMalloc);
 
 #[tokio::main]
 async fn main() -> Result<()> {

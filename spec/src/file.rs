@@ -41,6 +41,20 @@ pub struct RunSpecFile {
     pub max_attempts: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub compare: CompareFile,
+}
+
+/// `compare:`: extra models for comparing the fusion methods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompareFile {
+    /// Fine-tune every fused model with and without distillation.
+    #[serde(default)]
+    pub distillation: bool,
+    /// Train member 0 on for the fine-tuning epochs (compute-matched baseline).
+    #[serde(default)]
+    pub baseline: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -223,6 +237,10 @@ impl RunSpecFile {
             device: device as i32,
             max_attempts: self.max_attempts,
             labels: self.labels.clone().into_iter().collect(),
+            compare: (self.compare != CompareFile::default()).then_some(pb::Comparison {
+                distillation: self.compare.distillation,
+                baseline: self.compare.baseline,
+            }),
         })
     }
 }

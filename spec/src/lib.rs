@@ -25,6 +25,6 @@ pub use data::{Augment, DataFiles, DataSpec, SyntheticSpec};
 pub use error::SpecError;
 pub use file::RunSpecFile;
 pub use limits::Limits;
-pub use plan::{Device, MemberPlan, Plan};
+pub use plan::{Compare, Device, MemberPlan, Plan};
 pub use task::{EvalItem, Job, TaskPlan, TaskWork};
 pub use train::{Distill, Schedule, TrainConfig};

@@ -9,7 +9,7 @@ use nt_proto::v1 as pb;
 use crate::data::DataSpec;
 use crate::defaults;
 pub use crate::device::Device;
-use crate::train::TrainConfig;
+use crate::train::{Distill, TrainConfig};
 use crate::wire;
 use crate::SpecError;
 
@@ -38,6 +38,17 @@ pub struct Plan {
     pub eval_batch: usize,
     pub device: Device,
     pub max_attempts: u32,
+    pub compare: Compare,
+}
+
+/// The extra models a run produces to put its fusion methods in context.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Compare {
+    /// Every fused model is also fine-tuned with this distillation (and
+    /// [`Plan::fine_tune`] then has none).
+    pub distill: Option<Distill>,
+    /// Member 0 is trained on with [`Plan::fine_tune`] (without distillation).
+    pub baseline: bool,
 }
 
 /// Most members a run may have.
@@ -259,6 +270,13 @@ fn plan(
     fine_tune
         .validate()
         .map_err(|e| err("fine_tuning", e.message))?;
+    let compare_spec = spec.compare.unwrap_or_default();
+    let compare = Compare {
+        distill: compare_spec
+            .distillation
+            .then(|| fine_tune.distill.take().unwrap_or_default()),
+        baseline: compare_spec.baseline,
+    };
 
     let eval_batch = spec
         .evaluation
@@ -288,6 +306,7 @@ fn plan(
         eval_batch,
         device,
         max_attempts,
+        compare,
     })
 }
 

@@ -17,8 +17,18 @@ use crate::SpecError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum TaskWork {
-    Train { member: usize },
-    FineTune { method: Method },
+    Train {
+        member: usize,
+    },
+    /// Fine-tuning of a fused model; `distilled`: the comparison's variant
+    /// with distillation from the ensemble.
+    FineTune {
+        method: Method,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        distilled: bool,
+    },
+    /// Member 0 trained on for the fine-tuning epochs (the compute-matched baseline).
+    Baseline,
     Evaluate,
 }
 
@@ -27,7 +37,15 @@ impl TaskWork {
     pub fn local_name(&self) -> String {
         match self {
             TaskWork::Train { member } => format!("member-{member}"),
-            TaskWork::FineTune { method } => format!("fine-tune-{method}"),
+            TaskWork::FineTune {
+                method,
+                distilled: false,
+            } => format!("fine-tune-{method}"),
+            TaskWork::FineTune {
+                method,
+                distilled: true,
+            } => format!("fine-tune-{method}-distilled"),
+            TaskWork::Baseline => "baseline".into(),
             TaskWork::Evaluate => "evaluate".into(),
         }
     }
@@ -35,7 +53,15 @@ impl TaskWork {
     pub fn label(&self) -> String {
         match self {
             TaskWork::Train { member } => format!("member {member}"),
-            TaskWork::FineTune { method } => format!("{method} fine-tuning"),
+            TaskWork::FineTune {
+                method,
+                distilled: false,
+            } => format!("{method} fine-tuning"),
+            TaskWork::FineTune {
+                method,
+                distilled: true,
+            } => format!("{method} fine-tuning (distilled)"),
+            TaskWork::Baseline => "baseline".into(),
             TaskWork::Evaluate => "evaluation".into(),
         }
     }
@@ -43,8 +69,26 @@ impl TaskWork {
     pub fn kind(&self) -> pb::TaskKind {
         match self {
             TaskWork::Train { .. } => pb::TaskKind::Train,
-            TaskWork::FineTune { .. } => pb::TaskKind::FineTune,
+            TaskWork::FineTune { .. } | TaskWork::Baseline => pb::TaskKind::FineTune,
             TaskWork::Evaluate => pb::TaskKind::Evaluate,
+        }
+    }
+
+    /// The name of the model this task produces, as evaluations and the
+    /// report call it (`None`: it produces no model).
+    pub fn model_name(&self) -> Option<String> {
+        match self {
+            TaskWork::Train { member } => Some(format!("member {member}")),
+            TaskWork::FineTune {
+                method,
+                distilled: false,
+            } => Some(format!("{method} after fine-tuning")),
+            TaskWork::FineTune {
+                method,
+                distilled: true,
+            } => Some(format!("{method} after distilled fine-tuning")),
+            TaskWork::Baseline => Some("baseline".into()),
+            TaskWork::Evaluate => None,
         }
     }
 }

@@ -1,5 +1,6 @@
 pub mod arch;
 pub mod eval;
+pub mod experiment;
 pub mod fuse;
 pub mod progress;
 pub mod remote;

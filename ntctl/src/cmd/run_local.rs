@@ -17,24 +17,8 @@ use crate::output::{Exit, OutputFormat};
 pub struct RunArgs {
     /// The run spec (YAML).
     spec: PathBuf,
-    /// Run here: in-process coordinator and worker, local store.
-    #[arg(long)]
-    local: bool,
-    /// With --local: the store folder (runs, checkpoints, reports).
-    #[arg(long, default_value = "nt-data", env = "NT_LOCAL_STORE")]
-    store: PathBuf,
-    /// With --local: tasks at once.
-    #[arg(long, default_value_t = 1)]
-    slots: usize,
-    /// With --local: the worker's device (auto, cpu, cuda or cuda:N).
-    #[arg(long, default_value = "auto", env = "NT_DEVICE")]
-    worker_device: String,
-    /// With --local: libtorch CPU threads per task (default: all cores).
-    #[arg(long, env = "NT_THREADS")]
-    threads: Option<usize>,
-    /// With --local: show the coordinator's and worker's logs.
-    #[arg(long)]
-    verbose: bool,
+    #[command(flatten)]
+    embedded: LocalArgs,
     #[command(flatten)]
     overrides: SpecOverrides,
     /// Idempotency key.
@@ -45,6 +29,112 @@ pub struct RunArgs {
     /// Write the fine-tuning curves as a PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+/// The embedded service's settings (`run --local`, `experiment --local`).
+#[derive(Args, Clone, Debug)]
+pub struct LocalArgs {
+    /// Run here: in-process coordinator and worker, local store.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: the store folder (runs, checkpoints, reports).
+    #[arg(long, default_value = "nt-data", env = "NT_LOCAL_STORE")]
+    pub store: PathBuf,
+    /// With --local: tasks at once.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// With --local: the worker's device (auto, cpu, cuda or cuda:N).
+    #[arg(long, default_value = "auto", env = "NT_DEVICE")]
+    pub worker_device: String,
+    /// With --local: libtorch CPU threads per task (default: all cores).
+    #[arg(long, env = "NT_THREADS")]
+    pub threads: Option<usize>,
+    /// With --local: show the coordinator's and worker's logs.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// A coordinator and a worker in this process, serving gRPC on loopback
+/// with a folder as the object store.
+pub struct Embedded {
+    /// How to reach its coordinator.
+    pub connect: ConnectArgs,
+    /// The store folder (absolute).
+    pub store: PathBuf,
+    shutdown: CancellationToken,
+    worker_shutdown: CancellationToken,
+    worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    coordinator: std::sync::Arc<nt_server::coordinator::Coordinator>,
+}
+
+impl Embedded {
+    pub async fn start(args: &LocalArgs) -> Result<Embedded> {
+        if args.verbose {
+            nt_common::telemetry::init(nt_common::telemetry::LogFormat::Text);
+        }
+        std::fs::create_dir_all(&args.store)
+            .with_context(|| format!("creating {}", args.store.display()))?;
+        let store = std::fs::canonicalize(&args.store)?;
+        let store_url = format!("--store=file://{}", store.display());
+
+        let shutdown = CancellationToken::new();
+        let server_args = nt_server::ServerArgs::try_parse_from([
+            "nt-server",
+            store_url.as_str(),
+            "--metrics-listen=",
+        ])?;
+        let coordinator = nt_server::start_coordinator(&server_args, shutdown.clone()).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            let coordinator = coordinator.clone();
+            async move { nt_server::serve(&server_args, coordinator, listener, None, shutdown).await }
+        });
+        let mut worker_flags = vec![
+            "nt-worker".to_string(),
+            format!("--coordinator=http://127.0.0.1:{port}"),
+            store_url.clone(),
+            format!("--device={}", args.worker_device),
+            format!("--slots={}", args.slots),
+            "--name=local".into(),
+            "--shutdown-grace-secs=0".into(),
+            // The embedded worker reads the user's own files for the user: any
+            // folder. (A shared worker restricts data.path to its --data-dir.)
+            "--data-dir=/".into(),
+        ];
+        if let Some(t) = args.threads {
+            worker_flags.push(format!("--threads={t}"));
+        }
+        let worker = nt_worker::Worker::new(nt_worker::WorkerArgs::try_parse_from(worker_flags)?)?;
+        // The worker stops first and reports to a coordinator still serving;
+        // stopped together, it would retry its last report for minutes.
+        let worker_shutdown = CancellationToken::new();
+        let worker = tokio::spawn(worker.run(worker_shutdown.clone()));
+        Ok(Embedded {
+            connect: ConnectArgs {
+                endpoint: format!("http://127.0.0.1:{port}"),
+                ..ConnectArgs::default()
+            },
+            store,
+            shutdown,
+            worker_shutdown,
+            worker,
+            server,
+            coordinator,
+        })
+    }
+
+    /// Stops the worker, then the coordinator, and releases the store, so
+    /// the next `--local` command on it starts at once.
+    pub async fn stop(self) {
+        self.worker_shutdown.cancel();
+        let _ = self.worker.await;
+        self.shutdown.cancel();
+        let _ = self.server.await;
+        self.coordinator.close().await;
+    }
 }
 
 /// Copies member checkpoints given as local files into the store (`uploads/`).
@@ -77,7 +167,7 @@ fn upload_local_members(spec: &mut pb::RunSpec, store: &Path) -> Result<()> {
 
 pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> Result<()> {
     let mut spec = load_spec(&args.spec, &args.overrides)?;
-    if !args.local {
+    if !args.embedded.local {
         let mut client = nt_client::connect(connect).await?;
         let run_id = submit_spec(&mut client, spec, args.request_id)
             .await?
@@ -94,49 +184,9 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
         .await;
     }
 
-    if args.verbose {
-        nt_common::telemetry::init(nt_common::telemetry::LogFormat::Text);
-    }
-    std::fs::create_dir_all(&args.store)
-        .with_context(|| format!("creating {}", args.store.display()))?;
-    let store = std::fs::canonicalize(&args.store)?;
-    upload_local_members(&mut spec, &store)?;
-    let store_url = format!("--store=file://{}", store.display());
-
-    let shutdown = CancellationToken::new();
-    let server_args = nt_server::ServerArgs::try_parse_from([
-        "nt-server",
-        store_url.as_str(),
-        "--metrics-listen=",
-    ])?;
-    let coordinator = nt_server::start_coordinator(&server_args, shutdown.clone()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let server = tokio::spawn({
-        let shutdown = shutdown.clone();
-        let coordinator = coordinator.clone();
-        async move { nt_server::serve(&server_args, coordinator, listener, None, shutdown).await }
-    });
-    let mut worker_flags = vec![
-        "nt-worker".to_string(),
-        format!("--coordinator=http://127.0.0.1:{port}"),
-        store_url.clone(),
-        format!("--device={}", args.worker_device),
-        format!("--slots={}", args.slots),
-        "--name=local".into(),
-        "--shutdown-grace-secs=0".into(),
-        // The embedded worker reads the user's own files for the user: any
-        // folder. (A shared worker restricts data.path to its --data-dir.)
-        "--data-dir=/".into(),
-    ];
-    if let Some(t) = args.threads {
-        worker_flags.push(format!("--threads={t}"));
-    }
-    let worker = nt_worker::Worker::new(nt_worker::WorkerArgs::try_parse_from(worker_flags)?)?;
-    // The worker stops first and reports to a coordinator still serving;
-    // stopped together, it would retry its last report for minutes.
-    let worker_shutdown = CancellationToken::new();
-    let worker_task = tokio::spawn(worker.run(worker_shutdown.clone()));
+    upload_local_members(&mut spec, &args.embedded.store)?;
+    let embedded = Embedded::start(&args.embedded).await?;
+    let store = embedded.store.clone();
     let interrupted = CancellationToken::new();
     tokio::spawn({
         let interrupted = interrupted.clone();
@@ -147,12 +197,8 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
         }
     });
 
-    let local = ConnectArgs {
-        endpoint: format!("http://127.0.0.1:{port}"),
-        ..ConnectArgs::default()
-    };
     let outcome = async {
-        let mut client = nt_client::connect(&local).await?;
+        let mut client = nt_client::connect(&embedded.connect).await?;
         // Not raced with Ctrl-C: a run stored while we stopped waiting would
         // resume unseen next time. An interrupt during it is handled below.
         let submitted = submit_spec(&mut client, spec, args.request_id.clone()).await?;
@@ -190,11 +236,6 @@ pub async fn run(args: RunArgs, connect: &ConnectArgs, output: OutputFormat) -> 
         }
     }
     .await;
-    worker_shutdown.cancel();
-    let _ = worker_task.await;
-    shutdown.cancel();
-    let _ = server.await;
-    // Released, the next `run --local` on this store starts at once.
-    coordinator.close().await;
+    embedded.stop().await;
     outcome
 }

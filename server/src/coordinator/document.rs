@@ -205,6 +205,9 @@ pub struct FusedRecord {
     pub key: String,
     #[serde(with = "floats")]
     pub seconds: f64,
+    /// Peak heap the fusion allocated beyond the loaded members (0: not measured).
+    #[serde(default)]
+    pub peak_bytes: u64,
     pub parameters: u64,
     pub groups: Vec<GroupKept>,
 }

@@ -1,7 +1,9 @@
 //! The fusing phase's work: read the accepted member checkpoints from the
 //! object store, fuse them with every method of the plan on a blocking
 //! thread (the exactness guard runs below its size limit), and store the
-//! fused models. What to do with the outcome is the runbook's business.
+//! fused models. Each method's peak heap is measured (one fusion at a time
+//! in a process: they use every core anyway, and the measure is
+//! process-wide). What to do with the outcome is the runbook's business.
 
 use std::time::Instant;
 
@@ -45,9 +47,10 @@ pub async fn fuse_members(
         let refs: Vec<_> = states.iter().collect();
         let mut out = Vec::new();
         for method in methods {
-            let mut fused =
+            let (fused, peak_bytes) = nt_common::heap::measure_peak(|| {
                 nt_runtime::fuse(method, &arch, &refs, &nt_runtime::FuseOptions::default())
-                    .map_err(|e| format!("{method}: {e}"))?;
+            });
+            let mut fused = fused.map_err(|e| format!("{method}: {e}"))?;
             let mut lineage = fused.state.lineage().unwrap_or_default();
             lineage.members = lineage_members.clone();
             lineage
@@ -59,6 +62,7 @@ pub async fn fuse_members(
                 method,
                 key: String::new(),
                 seconds: fused.report.seconds,
+                peak_bytes: peak_bytes.unwrap_or(0),
                 parameters: fused.report.parameters as u64,
                 groups: fused
                     .report

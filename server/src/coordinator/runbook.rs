@@ -223,7 +223,15 @@ impl Runbook {
         let run = &self.doc.run_id;
         match &self.doc.tasks[i].work {
             TaskWork::Train { member } => Some(layout::member(run, *member)),
-            TaskWork::FineTune { method } => Some(layout::fine_tuned(run, method.as_str())),
+            TaskWork::FineTune {
+                method,
+                distilled: false,
+            } => Some(layout::fine_tuned(run, method.as_str())),
+            TaskWork::FineTune {
+                method,
+                distilled: true,
+            } => Some(layout::fine_tuned_distilled(run, method.as_str())),
+            TaskWork::Baseline => Some(layout::baseline(run)),
             TaskWork::Evaluate => None,
         }
     }
@@ -388,8 +396,14 @@ impl Runbook {
                 let methods: Vec<_> = records.iter().map(|r| r.method).collect();
                 self.doc.fused = records;
                 self.set_run_state(RunState::FineTuning, "", now, &mut fx);
+                let distilled = self.plan.compare.distill.is_some();
                 for method in methods {
-                    self.add_task(TaskWork::FineTune { method }, now, &mut fx);
+                    for distilled in [false, true].into_iter().take(1 + distilled as usize) {
+                        self.add_task(TaskWork::FineTune { method, distilled }, now, &mut fx);
+                    }
+                }
+                if self.plan.compare.baseline {
+                    self.add_task(TaskWork::Baseline, now, &mut fx);
                 }
             }
             Err(e) => self.fail_run(&format!("fusion failed: {e}"), now, &mut fx),
@@ -539,7 +553,11 @@ impl Runbook {
                 self.set_run_state(RunState::Fusing, "", now, fx);
                 fx.push(Effect::StartFusion);
             }
-            RunState::FineTuning if all_done(self, |w| matches!(w, TaskWork::FineTune { .. })) => {
+            RunState::FineTuning
+                if all_done(self, |w| {
+                    matches!(w, TaskWork::FineTune { .. } | TaskWork::Baseline)
+                }) =>
+            {
                 self.set_run_state(RunState::Evaluating, "", now, fx);
                 self.add_task(TaskWork::Evaluate, now, fx);
             }

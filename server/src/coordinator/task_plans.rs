@@ -23,14 +23,25 @@ impl Runbook {
                     MemberPlan::Existing(_) => plan.fine_tune.clone(),
                 },
             },
-            TaskWork::FineTune { method } => Job::FineTune {
+            TaskWork::FineTune { method, distilled } => {
+                let mut config = plan.fine_tune.clone();
+                if *distilled {
+                    config.distill = plan.compare.distill;
+                }
+                Job::FineTune {
+                    init: layout::fused(run, method.as_str()),
+                    teachers: if config.distill.is_some() {
+                        self.doc.member_keys.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    config,
+                }
+            }
+            TaskWork::Baseline => Job::FineTune {
                 config: plan.fine_tune.clone(),
-                init: layout::fused(run, method.as_str()),
-                teachers: if plan.fine_tune.distill.is_some() {
-                    self.doc.member_keys.clone()
-                } else {
-                    Vec::new()
-                },
+                init: self.doc.member_keys.first().cloned().unwrap_or_default(),
+                teachers: Vec::new(),
             },
             TaskWork::Evaluate => Job::Evaluate {
                 items: self.evaluation_items(),
@@ -51,8 +62,8 @@ impl Runbook {
         }
     }
 
-    /// The members, their ensemble, and every fused model before and after
-    /// fine-tuning.
+    /// The members, their ensemble, every fused model right after fusion,
+    /// and every model a fine-tuning task produced.
     fn evaluation_items(&self) -> Vec<EvalItem> {
         let item = |name: String, checkpoints: Vec<String>| EvalItem { name, checkpoints };
         let keys = &self.doc.member_keys;
@@ -63,10 +74,14 @@ impl Runbook {
             .collect();
         items.push(item("ensemble".into(), keys.clone()));
         for f in &self.doc.fused {
-            let name = f.method.to_string();
-            let tuned = layout::fine_tuned(&self.doc.run_id, &name);
-            items.push(item(name.clone(), vec![f.key.clone()]));
-            items.push(item(format!("{name} after fine-tuning"), vec![tuned]));
+            items.push(item(f.method.to_string(), vec![f.key.clone()]));
+        }
+        for (i, t) in self.doc.tasks.iter().enumerate() {
+            if matches!(t.work, TaskWork::FineTune { .. } | TaskWork::Baseline) {
+                if let (Some(name), Some(key)) = (t.work.model_name(), self.canonical_key(i)) {
+                    items.push(item(name, vec![key]));
+                }
+            }
         }
         items
     }

@@ -157,6 +157,7 @@ fn upgrade(bytes: &[u8]) -> Result<RunDocument, String> {
                 method: f.method,
                 key: f.key,
                 seconds: f.seconds,
+                peak_bytes: 0,
                 parameters: f.parameters,
                 groups: f.groups.iter().map(GroupKept::from).collect(),
             })

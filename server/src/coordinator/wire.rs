@@ -237,8 +237,15 @@ fn fill_report(report: &mut pb::RunReport, doc: &RunDocument, plan: &Plan) {
     report.fused = doc
         .fused
         .iter()
-        .map(|f| fused_report(doc, f, &score))
+        .map(|f| fused_report(doc, plan, f, &score))
         .collect();
+    if plan.compare.baseline {
+        let mut baseline = score("baseline");
+        baseline.name = "baseline".into();
+        baseline.parameters = params;
+        baseline.checkpoint = layout::baseline(&doc.run_id);
+        report.baseline = Some(baseline);
+    }
     report.curves = doc
         .tasks
         .iter()
@@ -255,21 +262,32 @@ fn fill_report(report: &mut pb::RunReport, doc: &RunDocument, plan: &Plan) {
 
 fn fused_report(
     doc: &RunDocument,
+    plan: &Plan,
     f: &FusedRecord,
     score: &dyn Fn(&str) -> pb::ModelReport,
 ) -> pb::FusedReport {
     let name = f.method.to_string();
-    let mut after_fusion = score(&name);
-    after_fusion.parameters = f.parameters;
-    after_fusion.checkpoint = f.key.clone();
-    let mut after = score(&format!("{name} after fine-tuning"));
-    after.parameters = f.parameters;
-    after.checkpoint = layout::fine_tuned(&doc.run_id, &name);
+    let model = |model: &str, checkpoint: String| {
+        let mut m = score(model);
+        m.parameters = f.parameters;
+        m.checkpoint = checkpoint;
+        m
+    };
     pb::FusedReport {
         method: method_to_wire(f.method).map_or(0, |m| m as i32),
-        after_fusion: Some(after_fusion),
-        after_fine_tuning: Some(after),
+        after_fusion: Some(model(&name, f.key.clone())),
+        after_fine_tuning: Some(model(
+            &format!("{name} after fine-tuning"),
+            layout::fine_tuned(&doc.run_id, &name),
+        )),
+        after_distilled_fine_tuning: plan.compare.distill.is_some().then(|| {
+            model(
+                &format!("{name} after distilled fine-tuning"),
+                layout::fine_tuned_distilled(&doc.run_id, &name),
+            )
+        }),
         fusion_seconds: f.seconds,
+        fusion_peak_bytes: f.peak_bytes,
         groups: f.groups.iter().map(pb::GroupKept::from).collect(),
     }
 }

@@ -134,6 +134,7 @@ fn tasks_train_fine_tune_and_evaluate_over_the_store() {
     let fine = plan(
         TaskWork::FineTune {
             method: fusion::Method::Nt,
+            distilled: false,
         },
         Job::FineTune {
             config: config(1000),
@@ -175,6 +176,7 @@ fn tasks_train_fine_tune_and_evaluate_over_the_store() {
     let missing = plan(
         TaskWork::FineTune {
             method: fusion::Method::Average,
+            distilled: false,
         },
         Job::FineTune {
             config: config(1000),

@@ -15,16 +15,16 @@ use crate::coordinator::document::{
 use crate::coordinator::runbook::{Delivery, Effect, Report, Runbook};
 use crate::error::CoordinatorError;
 
-fn plan(spec: &pb::RunSpec) -> Arc<Plan> {
+pub(super) fn plan(spec: &pb::RunSpec) -> Arc<Plan> {
     Arc::new(Plan::from_wire(spec, &|r| Ok(r.to_string())).unwrap())
 }
 
-fn new_run(extra: &str) -> (Runbook, Vec<Effect>) {
+pub(super) fn new_run(extra: &str) -> (Runbook, Vec<Effect>) {
     let s = spec(extra);
     Runbook::submit("run-1", "", s.clone(), plan(&s), 1_000)
 }
 
-fn queued(fx: &[Effect]) -> Vec<String> {
+pub(super) fn queued(fx: &[Effect]) -> Vec<String> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Queue { task, .. } => Some(task.clone()),
@@ -58,7 +58,7 @@ fn task_state(book: &Runbook, local: &str) -> TaskState {
     book.doc.tasks[book.doc.task_index(local).unwrap()].state
 }
 
-fn delivery(name: &str) -> Delivery {
+pub(super) fn delivery(name: &str) -> Delivery {
     Delivery {
         outcome: Outcome {
             checkpoint: format!("{name}/model.safetensors"),
@@ -75,16 +75,17 @@ fn delivery(name: &str) -> Delivery {
 }
 
 /// Leases and completes a task; returns the effects of the completion.
-fn run_task(book: &mut Runbook, local: &str, now: i64, d: Delivery) -> Vec<Effect> {
+pub(super) fn run_task(book: &mut Runbook, local: &str, now: i64, d: Delivery) -> Vec<Effect> {
     let (task, _) = book.lease(local, "w", now).expect("pending");
     book.complete(local, task.attempt, d, now + 1).unwrap()
 }
 
-fn fused_nt() -> Vec<FusedRecord> {
+pub(super) fn fused_nt() -> Vec<FusedRecord> {
     vec![FusedRecord {
         method: Method::Nt,
         key: "runs/run-1/fused/nt.safetensors".into(),
         seconds: 0.25,
+        peak_bytes: 0,
         parameters: 6442,
         groups: Vec::new(),
     }]
