@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline soak gpu-check
+.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline bench-comparison soak gpu-check
 
 setup:
 	./scripts/setup.sh
@@ -50,6 +50,17 @@ bench-throughput: build
 
 bench-paper: build
 	$(ENV) python3 bench/reproduce_paper.py
+
+# The paper's comparison (README, "The paper's comparison"): MLP and LeNet on
+# Fashion-MNIST, K = 2, 4, 8, three seeds; results in bench/results/paper-comparison/.
+# Not part of `bench`: about an hour and a half on 2 CPU cores.
+NT_COMPARISON_STORE ?= $${TMPDIR:-/tmp}/nt-paper-store
+bench-comparison: build
+	$(ENV) for model in mlp lenet; do \
+		target/release/ntctl experiment examples/paper-$$model.yaml --local --slots 2 --threads 1 \
+			--store $(NT_COMPARISON_STORE) --seeds 1,2,3 --members 2,4,8 \
+			--out bench/results/paper-comparison/$$model || exit 1; \
+	done
 
 bench-pipeline: build
 	$(ENV) target/release/coordinator-bench

@@ -267,6 +267,25 @@ impl Summary {
     }
 }
 
+/// How a fine-tuned model is drawn: one colour per fusion method (the
+/// baseline its own), the distilled variant dashed.
+fn style_of(g: &Group, name: &str) -> (plotters::style::RGBColor, bool) {
+    let distilled = name.ends_with(" (distilled)");
+    let base = name.trim_end_matches(" (distilled)");
+    if base == "baseline" {
+        return (plotters::style::RGBColor(140, 80, 20), false);
+    }
+    let mut methods: Vec<&str> = Vec::new();
+    for t in &g.tuned {
+        let m = t.name.trim_end_matches(" (distilled)");
+        if m != "baseline" && !methods.contains(&m) {
+            methods.push(m);
+        }
+    }
+    let i = methods.iter().position(|m| *m == base).unwrap_or(0);
+    (crate::report::series_color(i), distilled)
+}
+
 fn draw_group<DB: plotters::prelude::DrawingBackend>(
     name: &str,
     g: &Group,
@@ -283,7 +302,7 @@ where
         .map(|t| t.curve.len().saturating_sub(1))
         .max()
         .unwrap_or(1)
-        .max(1) as f64;
+        .max(1);
     let references: Vec<(String, f64)> = [("best member", g.best_member), ("ensemble", g.ensemble)]
         .into_iter()
         .filter_map(|(n, s)| s.map(|s| (n.to_string(), 100.0 * s.mean)))
@@ -301,7 +320,11 @@ where
     } else {
         ((lo - 1.5).max(0.0), (hi + 1.0).min(100.0))
     };
-    let mut chart = ChartBuilder::on(area)
+    let entries = g.tuned.len() + references.len();
+    let legend_height = 14 + 17 * entries.div_ceil(2) as u32;
+    let (chart_area, legend_area) =
+        area.split_vertically(area.dim_in_pixel().1.saturating_sub(legend_height));
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(
             format!("{name}, K = {} ({} seeds)", g.members, g.seeds),
             ("sans-serif", 20),
@@ -309,16 +332,18 @@ where
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.0..max_epoch, lo..hi)?;
+        .build_cartesian_2d(0.0..max_epoch as f64, lo..hi)?;
     chart
         .configure_mesh()
+        .x_labels(max_epoch + 1)
         .x_desc("fine-tuning epoch (0: right after fusion)")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("test accuracy (%), mean ± std")
         .label_style(("sans-serif", 13))
         .draw()?;
-    for (i, t) in g.tuned.iter().enumerate() {
-        let color = crate::report::series_color(i);
+    let mut legend: Vec<(String, RGBColor, bool, u32)> = Vec::new();
+    for t in &g.tuned {
+        let (color, dashed) = style_of(g, &t.name);
         let upper: Vec<(f64, f64)> = t
             .curve
             .iter()
@@ -334,7 +359,7 @@ where
         let band: Vec<(f64, f64)> = upper.iter().copied().chain(lower).collect();
         chart.draw_series(std::iter::once(Polygon::new(
             band,
-            color.mix(0.15).filled(),
+            color.mix(0.12).filled(),
         )))?;
         let mean: Vec<(f64, f64)> = t
             .curve
@@ -342,18 +367,18 @@ where
             .enumerate()
             .map(|(e, s)| (e as f64, 100.0 * s.mean))
             .collect();
+        if dashed {
+            chart.draw_series(DashedLineSeries::new(mean, 7, 4, color.stroke_width(2)))?;
+        } else {
+            chart.draw_series(LineSeries::new(mean, color.stroke_width(2)))?;
+        }
         let label = match t.curve.first() {
             Some(s) if 100.0 * s.mean < lo => {
                 format!("{} ({:.1} % at epoch 0)", t.name, 100.0 * s.mean)
             }
             _ => t.name.clone(),
         };
-        chart
-            .draw_series(LineSeries::new(mean, color.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
+        legend.push((label, color, dashed, 2));
     }
     for (name, acc) in &references {
         let color = if name == "ensemble" {
@@ -361,25 +386,33 @@ where
         } else {
             RGBColor(110, 110, 110)
         };
-        chart
-            .draw_series(DashedLineSeries::new(
-                vec![(0.0, *acc), (max_epoch, *acc)],
-                6,
-                4,
-                color.stroke_width(1),
-            ))?
-            .label(format!("{name} ({acc:.2} %)"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(1))
-            });
+        chart.draw_series(DashedLineSeries::new(
+            vec![(0.0, *acc), (max_epoch as f64, *acc)],
+            3,
+            3,
+            color.stroke_width(1),
+        ))?;
+        legend.push((format!("{name} ({acc:.2} %)"), color, true, 1));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 12))
-        .draw()?;
+    // The legend below the chart, in two columns, so it hides no curve.
+    let (width, _) = legend_area.dim_in_pixel();
+    let column = (width as i32 - 24) / 2;
+    for (i, (label, color, dashed, stroke)) in legend.iter().enumerate() {
+        let x = 16 + column * (i % 2) as i32;
+        let y = 8 + 17 * (i / 2) as i32;
+        let segments: Vec<(i32, i32)> = if *dashed {
+            vec![(x, y + 6), (x + 6, y + 6), (x + 10, y + 6), (x + 16, y + 6)]
+        } else {
+            vec![(x, y + 6), (x + 16, y + 6)]
+        };
+        for pair in segments.chunks(2) {
+            legend_area.draw(&PathElement::new(
+                pair.to_vec(),
+                color.stroke_width(*stroke),
+            ))?;
+        }
+        legend_area.draw(&Text::new(label.clone(), (x + 22, y), ("sans-serif", 12)))?;
+    }
     Ok(())
 }
 

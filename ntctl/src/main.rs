@@ -139,3 +139,16 @@ fn main() {
         std::process::exit(code);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its definitions only when a command is parsed in a debug
+    /// build; this checks every subcommand's (two flags of one name slipped
+    /// into `experiment` once).
+    #[test]
+    fn every_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

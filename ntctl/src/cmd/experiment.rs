@@ -37,8 +37,10 @@ pub struct ExperimentArgs {
     out: PathBuf,
     #[command(flatten)]
     embedded: LocalArgs,
-    #[command(flatten)]
-    overrides: SpecOverrides,
+    /// Set any field of the spec: `--set members.training.epochs=3`
+    /// (repeatable; YAML values).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    set: Vec<String>,
 }
 
 /// The spec of one run of the experiment: `count` members trained with the
@@ -141,7 +143,11 @@ async fn run_one(
 }
 
 pub async fn run(args: ExperimentArgs, connect: &ConnectArgs, output: OutputFormat) -> Result<()> {
-    let base = load_spec(&args.spec, &args.overrides)?;
+    let overrides = SpecOverrides {
+        set: args.set.clone(),
+        ..SpecOverrides::default()
+    };
+    let base = load_spec(&args.spec, &overrides)?;
     if base
         .members
         .as_ref()
