@@ -2,7 +2,6 @@
 //! layout, authentication, TLS and logging. No libtorch.
 
 pub mod auth;
-pub mod heap;
 pub mod layout;
 pub mod storage;
 pub mod telemetry;

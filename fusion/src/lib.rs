@@ -11,6 +11,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod coupling;
 mod error;
+pub mod heap;
 pub mod methods;
 pub mod ot;
 mod parallel;

@@ -188,7 +188,7 @@ pub fn fuse(
             None,
         ),
         Method::Concat => {
-            check.check(arch, &coupling, members, None)?;
+            crate::heap::unmeasured(|| check.check(arch, &coupling, members, None))?;
             let spec = coupling.resized(
                 arch,
                 &coupling.wide_widths(k),
@@ -209,7 +209,11 @@ pub fn fuse(
             let mut hook = |step_members: &[&StateDict],
                             selections: &[crate::assemble::Selection],
                             fused: &StateDict| {
-                check.check(arch, &coupling, step_members, Some((selections, fused)))
+                // The guard's wide model is a check of the method, not
+                // part of it: it does not count towards the fusion's peak.
+                crate::heap::unmeasured(|| {
+                    check.check(arch, &coupling, step_members, Some((selections, fused)))
+                })
             };
             let Transplanted { state, origins } = match method {
                 Method::Nt => transplant::nt(arch, &coupling, members, &mut hook)?,

@@ -16,8 +16,8 @@ use output::{Exit, OutputFormat};
 /// kernel and faulted in again, which glibc's malloc does for large blocks.
 /// Counted, so the in-process coordinator can report a fusion's peak memory.
 #[global_allocator]
-static ALLOCATOR: nt_common::heap::Counting<mimalloc::MiMalloc> =
-    nt_common::heap::Counting(mimalloc::MiMalloc);
+static ALLOCATOR: fusion::heap::Counting<mimalloc::MiMalloc> =
+    fusion::heap::Counting(mimalloc::MiMalloc);
 
 #[derive(Parser)]
 #[command(

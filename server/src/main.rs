@@ -8,8 +8,8 @@ use nt_server::ServerArgs;
 
 /// Counted, so a run's report can state each fusion's peak memory.
 #[global_allocator]
-static ALLOCATOR: nt_common::heap::Counting<mimalloc::MiMalloc> =
-    nt_common::heap::Counting(mimalloc::MiMalloc);
+static ALLOCATOR: fusion::heap::Counting<mimalloc::MiMalloc> =
+    fusion::heap::Counting(mimalloc::MiMalloc);
 
 #[tokio::main]
 async fn main() -> Result<()> {

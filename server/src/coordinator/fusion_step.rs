@@ -47,7 +47,7 @@ pub async fn fuse_members(
         let refs: Vec<_> = states.iter().collect();
         let mut out = Vec::new();
         for method in methods {
-            let (fused, peak_bytes) = nt_common::heap::measure_peak(|| {
+            let (fused, peak_bytes) = fusion::heap::measure_peak(|| {
                 nt_runtime::fuse(method, &arch, &refs, &nt_runtime::FuseOptions::default())
             });
             let mut fused = fused.map_err(|e| format!("{method}: {e}"))?;

@@ -1,4 +1,4 @@
-//! How much heap a piece of work takes: [`Counting`] wraps a binary's
+//! How much heap a fusion takes: [`Counting`] wraps a binary's
 //! global allocator and counts the bytes live and their peak;
 //! [`measure_peak`] reports the peak a closure reached above where it
 //! started. Only allocations through Rust's global allocator count
@@ -6,8 +6,8 @@
 //!
 //! ```ignore
 //! #[global_allocator]
-//! static ALLOCATOR: nt_common::heap::Counting<mimalloc::MiMalloc> =
-//!     nt_common::heap::Counting(mimalloc::MiMalloc);
+//! static ALLOCATOR: fusion::heap::Counting<mimalloc::MiMalloc> =
+//!     fusion::heap::Counting(mimalloc::MiMalloc);
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout};
@@ -16,6 +16,8 @@ use std::sync::Mutex;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// While above zero, growth does not raise the peak ([`unmeasured`]).
+static PAUSED: AtomicUsize = AtomicUsize::new(0);
 /// One measurement at a time: the peak is process-wide.
 static MEASURING: Mutex<()> = Mutex::new(());
 
@@ -24,7 +26,9 @@ pub struct Counting<A>(pub A);
 
 fn grew(bytes: usize) {
     let live = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(live, Ordering::Relaxed);
+    if PAUSED.load(Ordering::Relaxed) == 0 {
+        PEAK.fetch_max(live, Ordering::Relaxed);
+    }
 }
 
 fn shrank(bytes: usize) {
@@ -91,6 +95,23 @@ pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, Option<u64>) {
     (out, measured)
 }
 
+/// Runs `f` without letting what it allocates raise the peak a
+/// [`measure_peak`] in progress reports: for checks that run inside a
+/// measured piece of work but are not part of it. What `f` still holds when
+/// it returns counts from then on.
+pub fn unmeasured<R>(f: impl FnOnce() -> R) -> R {
+    struct Resume;
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            PAUSED.fetch_sub(1, Ordering::Relaxed);
+            PEAK.fetch_max(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+    PAUSED.fetch_add(1, Ordering::Relaxed);
+    let _resume = Resume;
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +140,18 @@ mod tests {
                 a.dealloc(q, bigger);
             });
             assert_eq!(peak, Some(8192));
+            // A check inside the measured work leaves no mark on the peak,
+            // but what it keeps counts.
+            let ((), peak) = measure_peak(|| {
+                let kept = unmeasured(|| {
+                    let p = a.alloc(bigger);
+                    let q = a.alloc(layout);
+                    a.dealloc(p, bigger);
+                    q
+                });
+                a.dealloc(kept, layout);
+            });
+            assert_eq!(peak, Some(4096));
             a.dealloc(keep, layout);
         }
         assert_eq!(live(), 0);
