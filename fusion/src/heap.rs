@@ -4,7 +4,7 @@
 //! started. Only allocations through Rust's global allocator count
 //! (libtorch's own tensors do not).
 //!
-//! ```ignore
+//! ```text
 //! #[global_allocator]
 //! static ALLOCATOR: fusion::heap::Counting<mimalloc::MiMalloc> =
 //!     fusion::heap::Counting(mimalloc::MiMalloc);
