@@ -38,8 +38,12 @@ impl Runbook {
                     config,
                 }
             }
+            // Member 0 trained on as it was trained: no teachers.
             TaskWork::Baseline => Job::FineTune {
-                config: plan.fine_tune.clone(),
+                config: nt_spec::TrainConfig {
+                    distill: None,
+                    ..plan.fine_tune.clone()
+                },
                 init: self.doc.member_keys.first().cloned().unwrap_or_default(),
                 teachers: Vec::new(),
             },
