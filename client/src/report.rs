@@ -506,6 +506,7 @@ mod tests {
             loss: 0.3,
             parameters: 1000,
             checkpoint: format!("{name}.safetensors"),
+            data: None,
         };
         pb::Run {
             run_id: "run-1".into(),

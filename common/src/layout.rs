@@ -12,6 +12,7 @@
 //! runs/<run>/tasks/<task>/attempt-<n>/model.safetensors             an attempt's final model
 //! requests/<hex of the request id>.json              idempotency: request id -> run id
 //! coordinator/lease.json                             the store lease: which coordinator writes
+//! cache/data/<sha256>.safetensors                    decoded image folders, by source listing and transform
 //! ```
 
 pub fn run_prefix(run: &str) -> String {
@@ -57,6 +58,11 @@ pub fn epoch_state(prefix: &str, epoch: usize) -> String {
 
 pub fn attempt_model(prefix: &str) -> String {
     format!("{prefix}/model.safetensors")
+}
+
+/// A decoded image folder; `digest` hashes its listing and transform.
+pub fn data_cache(digest: &str) -> String {
+    format!("cache/data/{digest}.safetensors")
 }
 
 /// The store lease: which coordinator may write to this store.

@@ -7,7 +7,7 @@ pub mod storage;
 pub mod telemetry;
 pub mod tls;
 
-pub use storage::{Storage, StorageArgs};
+pub use storage::{ObjectInfo, Storage, StorageArgs};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

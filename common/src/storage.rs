@@ -132,6 +132,15 @@ impl std::fmt::Debug for Storage {
     }
 }
 
+/// A listed object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// Its ETag (or version, or modification time): changes with its content.
+    pub version: String,
+}
+
 /// A version of an object for a conditional update.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Version {
@@ -217,6 +226,29 @@ impl Storage {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Every object under the folder `prefix` (`a/b` lists `a/b/...`), at
+    /// any depth, sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, object_store::Error> {
+        use futures_util::TryStreamExt;
+        let prefix = Path::from(prefix);
+        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let mut out: Vec<ObjectInfo> = metas
+            .into_iter()
+            .map(|m| ObjectInfo {
+                key: m.location.to_string(),
+                size: m.size,
+                version: m.e_tag.or(m.version).unwrap_or_else(|| {
+                    m.last_modified
+                        .timestamp_nanos_opt()
+                        .unwrap_or(0)
+                        .to_string()
+                }),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
 
     /// An object's size in bytes; `Ok(None)` when it does not exist.

@@ -35,6 +35,87 @@ pub struct DataSpec {
     /// Parameters of the synthetic set (only for `synthetic`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synthetic: Option<SyntheticSpec>,
+    /// The user's own data in `path`, laid out as this format (then
+    /// `dataset` only names it); `None` for the known sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DataFormat>,
+    /// Image folders: skip unreadable images (counted) instead of failing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_bad: bool,
+    /// Arrays: how 4-dimensional images are laid out (`None`: inferred
+    /// from the architecture's input shape).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<ArrayLayout>,
+    /// Image folders and arrays: the fraction of the training split held out
+    /// (seeded) as the test split when the source has none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub test_split: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// How the files of a user's data set are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// `train/<class>/*.png|jpg` and `test/<class>/...`, as torchvision's
+    /// `ImageFolder`.
+    ImageFolder,
+    /// `train/x.npy` and `train/y.npy` (or `train.safetensors` holding `x`
+    /// and `y`), and the same for `test`.
+    Arrays,
+}
+
+impl DataFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::ImageFolder => "image-folder",
+            DataFormat::Arrays => "arrays",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        match text {
+            "image-folder" => Ok(DataFormat::ImageFolder),
+            "arrays" => Ok(DataFormat::Arrays),
+            other => Err(SpecError::new(
+                "data.format",
+                format!("unknown data format `{other}` (known: image-folder, arrays)"),
+            )),
+        }
+    }
+}
+
+/// How array images of four dimensions are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArrayLayout {
+    /// `[n, channels, height, width]` (PyTorch).
+    Nchw,
+    /// `[n, height, width, channels]` (NumPy, TensorFlow, PIL).
+    Nhwc,
+}
+
+impl ArrayLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            ArrayLayout::Nchw => "nchw",
+            ArrayLayout::Nhwc => "nhwc",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        match text {
+            "nchw" => Ok(ArrayLayout::Nchw),
+            "nhwc" => Ok(ArrayLayout::Nhwc),
+            other => Err(SpecError::new(
+                "data.layout",
+                format!("unknown array layout `{other}` (known: nchw, nhwc)"),
+            )),
+        }
+    }
 }
 
 impl DataSpec {
@@ -53,6 +134,20 @@ impl DataSpec {
             test_subset: None,
             augment: Augment::default(),
             synthetic: None,
+            format: None,
+            skip_bad: false,
+            layout: None,
+            test_split: 0.0,
+        }
+    }
+
+    /// The user's data in `path`, laid out as `format`, named after the
+    /// folder (or prefix) that holds it.
+    pub fn own(format: DataFormat, path: &str) -> Self {
+        DataSpec {
+            path: Some(path.to_string()),
+            format: Some(format),
+            ..DataSpec::named(&name_of_path(path))
         }
     }
 
@@ -68,6 +163,9 @@ impl DataSpec {
         match (name, rest) {
             ("synthetic", options) => {
                 spec.synthetic = Some(SyntheticSpec::parse(options.unwrap_or(""))?)
+            }
+            ("image-folder" | "arrays", Some(path)) => {
+                spec = DataSpec::own(DataFormat::parse(name)?, path)
             }
             (_, Some(path)) => spec.path = Some(path.to_string()),
             (_, None) => {}
@@ -86,9 +184,63 @@ impl DataSpec {
         })
     }
 
+    /// Checks the settings that need no files: a known set or format with
+    /// its path, fractions in range, and options only where they apply.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        self.files()?;
+        if let Some(s) = &self.synthetic {
+            s.validate()?;
+        }
+        for (field, value) in [
+            ("data.validation", self.validation),
+            ("data.test_split", self.test_split),
+        ] {
+            if !(0.0..1.0).contains(&value) {
+                return Err(SpecError::new(
+                    field,
+                    format!("must be in [0, 1), got {value}"),
+                ));
+            }
+        }
+        if self.skip_bad && self.format != Some(DataFormat::ImageFolder) {
+            return Err(SpecError::new(
+                "data.skip_bad",
+                "applies only to `format: image-folder`",
+            ));
+        }
+        if self.layout.is_some() && self.format != Some(DataFormat::Arrays) {
+            return Err(SpecError::new(
+                "data.layout",
+                "applies only to `format: arrays`",
+            ));
+        }
+        if self.test_split > 0.0 && self.format.is_none() {
+            return Err(SpecError::new(
+                "data.test_split",
+                "applies only to `format: image-folder` or `arrays` (the known sets have a test split)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The files this data set reads, relative to its location (IDX files
     /// may also be stored gzipped, with a `.gz` suffix).
     pub fn files(&self) -> Result<DataFiles, SpecError> {
+        if let Some(format) = self.format {
+            if self.path.as_deref().is_none_or(|p| p.trim().is_empty()) {
+                return Err(SpecError::new(
+                    "data.path",
+                    format!(
+                        "`format: {}` needs a path: a folder or `store:<prefix>`",
+                        format.name()
+                    ),
+                ));
+            }
+            return Ok(match format {
+                DataFormat::ImageFolder => DataFiles::ImageFolder,
+                DataFormat::Arrays => DataFiles::Arrays,
+            });
+        }
         let idx = |prefix: &str, transpose: bool| DataFiles::Idx {
             train_images: format!("{prefix}train-images-idx3-ubyte"),
             train_labels: format!("{prefix}train-labels-idx1-ubyte"),
@@ -125,7 +277,8 @@ impl DataSpec {
             "synthetic" => DataFiles::Synthetic,
             other => {
                 return Err(SpecError::new("data.dataset", format!(
-                    "unknown data set `{other}` (known: fashion-mnist, mnist, kmnist, emnist-<split>, cifar10, cifar100, synthetic)"
+                    "unknown data set `{other}` (known: fashion-mnist, mnist, kmnist, emnist-<split>, cifar10, cifar100, synthetic; \
+                     for your own data give `format: image-folder` or `format: arrays` and a path)"
                 )))
             }
         })
@@ -148,6 +301,21 @@ pub enum DataFiles {
         label_bytes: usize,
     },
     Synthetic,
+    /// Listed and decoded by the runtime (`nt_runtime::data::folder`).
+    ImageFolder,
+    /// Read by the runtime (`nt_runtime::data::arrays`).
+    Arrays,
+}
+
+/// A data set's name from its folder or prefix: the last path component.
+pub fn name_of_path(path: &str) -> String {
+    let path = path.strip_prefix("store:").unwrap_or(path);
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("data")
+        .to_string()
 }
 
 /// Training-time augmentation, as torchvision's `RandomCrop(size, padding)`

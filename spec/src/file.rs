@@ -68,6 +68,12 @@ pub struct DataFile {
     pub test_subset: Option<u64>,
     pub augment: Option<Augment>,
     pub synthetic: Option<SyntheticSpec>,
+    /// `image-folder` or `arrays`: the user's own data in `path`.
+    pub format: Option<String>,
+    pub skip_bad: Option<bool>,
+    /// `nchw` or `nhwc` (arrays).
+    pub layout: Option<String>,
+    pub test_split: Option<f64>,
 }
 
 /// `architecture: mlp`, or `{preset: ...}`, `{spec: {...nt.arch/v1...}}`, `{file: arch.json}`.
@@ -212,6 +218,10 @@ impl RunSpecFile {
                 test_subset: d.test_subset,
                 augment: d.augment.as_ref().map(augment_to_wire),
                 synthetic: d.synthetic.as_ref().map(synthetic_to_wire),
+                format: d.format.clone().unwrap_or_default(),
+                skip_bad: d.skip_bad.unwrap_or(false),
+                layout: d.layout.clone().unwrap_or_default(),
+                test_split: d.test_split.unwrap_or(0.0),
             }),
             architecture: Some(pb::Architecture {
                 kind: Some(architecture),

@@ -56,6 +56,10 @@ pub const MAX_MEMBERS: usize = defaults::MAX_MEMBERS;
 
 /// The `[channels, height, width]` of a data set's images, when known from its name.
 fn dataset_shape(data: &DataSpec) -> Option<([usize; 3], Option<usize>)> {
+    if data.format.is_some() {
+        // The user's own data: known once its files are read.
+        return None;
+    }
     match data.dataset.as_str() {
         "fashion-mnist" | "mnist" | "kmnist" => Some(([1, 28, 28], Some(10))),
         n if n.starts_with("emnist-") => Some(([1, 28, 28], None)),
@@ -138,15 +142,17 @@ fn plan(
 ) -> Result<Plan, SpecError> {
     check_name_and_labels(spec)?;
     let arch = wire::architecture_from_wire(spec.architecture.as_ref())?;
-    let data = wire::data_from_wire(&spec.data.clone().unwrap_or_default());
-    data.files()?;
-    if let Some(s) = &data.synthetic {
-        s.validate()?;
-    }
-    if !(0.0..1.0).contains(&data.validation) {
+    let data = wire::data_from_wire(&spec.data.clone().unwrap_or_default())?;
+    data.validate()?;
+    if data.format.is_some() && arch.input_shape().len() != 3 {
         return Err(err(
-            "data.validation",
-            format!("must be in [0, 1), got {}", data.validation),
+            "architecture",
+            format!(
+                "`{}` takes inputs of shape {:?}; images from `format: {}` need an input of [channels, height, width]",
+                arch.name(),
+                arch.input_shape(),
+                data.format.map_or("", |f| f.name())
+            ),
         ));
     }
     if let Some((shape, classes)) = dataset_shape(&data) {
@@ -471,14 +477,14 @@ device: any
             .unwrap()
             .to_proto(std::path::Path::new("."))
             .unwrap();
-        let data = data_from_wire(wire.data.as_ref().unwrap());
+        let data = data_from_wire(wire.data.as_ref().unwrap()).unwrap();
         let s = data.synthetic.unwrap();
         assert_eq!((s.noise, s.train), (0.0, 64));
         // A wire spec without the field gets the default.
         let mut d = wire.data.clone().unwrap();
         d.synthetic.as_mut().unwrap().noise = None;
         assert_eq!(
-            data_from_wire(&d).synthetic.unwrap().noise,
+            data_from_wire(&d).unwrap().synthetic.unwrap().noise,
             SyntheticSpec::default().noise
         );
     }

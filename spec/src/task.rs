@@ -193,7 +193,7 @@ impl TaskPlan {
     pub fn from_wire(task: &pb::Task) -> Result<TaskPlan, SpecError> {
         let arch = Architecture::from_json(&task.architecture_json)
             .map_err(|e| SpecError::new("architecture_json", e.to_string()))?;
-        let data = wire::data_from_wire(&task.data.clone().unwrap_or_default());
+        let data = wire::data_from_wire(&task.data.clone().unwrap_or_default())?;
         let config = || wire::training_from_wire(task.training.as_ref(), task.seed, data.augment);
         let job = match pb::TaskKind::try_from(task.kind) {
             Ok(pb::TaskKind::Train) => Job::Train { config: config() },

@@ -7,7 +7,7 @@ use fusion::arch::Architecture;
 use fusion::Method;
 use nt_proto::v1 as pb;
 
-use crate::data::{Augment, DataSpec, SyntheticSpec};
+use crate::data::{name_of_path, ArrayLayout, Augment, DataFormat, DataSpec, SyntheticSpec};
 use crate::defaults;
 use crate::device::Device;
 use crate::train::{Distill, Schedule, TrainConfig};
@@ -157,14 +157,18 @@ fn synthetic_from_wire(s: &pb::SyntheticData) -> SyntheticSpec {
 }
 
 /// The data spec from the wire, with defaults for unset fields.
-pub fn data_from_wire(d: &pb::DataSpec) -> DataSpec {
-    DataSpec {
-        dataset: if d.dataset.is_empty() {
-            defaults::DATASET.into()
-        } else {
-            d.dataset.clone()
+pub fn data_from_wire(d: &pb::DataSpec) -> Result<DataSpec, SpecError> {
+    let format = (!d.format.is_empty())
+        .then(|| DataFormat::parse(&d.format))
+        .transpose()?;
+    let path = (!d.path.is_empty()).then(|| d.path.clone());
+    Ok(DataSpec {
+        dataset: match (d.dataset.is_empty(), format, &path) {
+            (false, _, _) => d.dataset.clone(),
+            (true, Some(_), Some(path)) => name_of_path(path),
+            (true, _, _) => defaults::DATASET.into(),
         },
-        path: (!d.path.is_empty()).then(|| d.path.clone()),
+        path,
         validation: d.validation,
         split_seed: d.split_seed,
         train_subset: d.train_subset.map(|v| v as usize),
@@ -177,7 +181,13 @@ pub fn data_from_wire(d: &pb::DataSpec) -> DataSpec {
             })
             .unwrap_or_default(),
         synthetic: d.synthetic.as_ref().map(synthetic_from_wire),
-    }
+        format,
+        skip_bad: d.skip_bad,
+        layout: (!d.layout.is_empty())
+            .then(|| ArrayLayout::parse(&d.layout))
+            .transpose()?,
+        test_split: d.test_split,
+    })
 }
 
 /// The wire form of a resolved data spec (every field set).
@@ -191,6 +201,10 @@ pub fn data_to_wire(d: &DataSpec) -> pb::DataSpec {
         test_subset: d.test_subset.map(|v| v as u64),
         augment: Some(augment_to_wire(&d.augment)),
         synthetic: d.synthetic.as_ref().map(synthetic_to_wire),
+        format: d.format.map_or("", DataFormat::name).to_string(),
+        skip_bad: d.skip_bad,
+        layout: d.layout.map_or("", ArrayLayout::name).to_string(),
+        test_split: d.test_split,
     }
 }
 

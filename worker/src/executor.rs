@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use nt_common::{layout, Storage};
 use nt_proto::v1 as pb;
-use nt_runtime::data::{DataSpec, FileSource, LocalDir};
+use nt_runtime::data::{DataCache, DataSpec, FileSource, Listed, LoadReport, LocalDir};
 use nt_runtime::job::{
     self, ArchOf, EvalJob, JobHooks, JobIo, ModelRef, Normalize, Provenance, Start, Started,
     TrainJob,
@@ -165,6 +165,11 @@ impl JobIo for StoreIo<'_> {
             .map_err(|e| RuntimeError::Storage(format!("writing `{key}`: {e}")))
     }
 
+    /// Decoded image folders are kept in the store, for every worker.
+    fn data_cache(&self) -> Option<Box<dyn DataCache + '_>> {
+        Some(Box::new(StoreCache(self)))
+    }
+
     /// `store:<prefix>` reads the data set's files from the store, anything
     /// else from the worker's own folders.
     fn data_source(&self, spec: &DataSpec) -> nt_runtime::Result<Box<dyn FileSource + '_>> {
@@ -186,6 +191,27 @@ impl JobIo for StoreIo<'_> {
     }
 }
 
+/// Decoded image folders under `cache/data/` in the store.
+struct StoreCache<'a>(&'a StoreIo<'a>);
+
+impl DataCache for StoreCache<'_> {
+    fn key(&self, digest: &str) -> String {
+        layout::data_cache(digest)
+    }
+
+    fn read(&self, key: &str) -> nt_runtime::Result<Option<Vec<u8>>> {
+        match self.0.read(key) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(RuntimeError::Missing(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write(&self, key: &str, bytes: Vec<u8>) -> nt_runtime::Result<()> {
+        self.0.write(key, bytes)
+    }
+}
+
 /// Data files under a key prefix of the object store.
 struct StoreSource<'a> {
     io: &'a StoreIo<'a>,
@@ -202,6 +228,37 @@ impl FileSource for StoreSource<'_> {
             Err(RuntimeError::Missing(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    fn list(&self, dir: &str) -> nt_runtime::Result<Vec<Listed>> {
+        let root = self.prefix.trim_matches('/');
+        let folder = [root, dir.trim_matches('/')]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("/");
+        let objects = self
+            .io
+            .0
+            .runtime
+            .block_on(self.io.0.storage.list(&folder))
+            .map_err(|e| RuntimeError::Storage(format!("listing `{folder}`: {e}")))?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let name = o
+                    .key
+                    .strip_prefix(root)?
+                    .trim_start_matches('/')
+                    .to_string();
+                Some(Listed {
+                    name,
+                    size: o.size,
+                    version: o.version,
+                    is_dir: false,
+                })
+            })
+            .collect())
     }
 
     fn describe(&self) -> String {
@@ -345,6 +402,20 @@ fn train(
         },
     };
     let trained = job::run_training(&job, io, hooks)?;
+    if let Some(loaded) = &trained.data {
+        tracing::info!(
+            source = %loaded.source,
+            images = loaded.images,
+            skipped = loaded.skipped.len(),
+            seconds = loaded.seconds,
+            cache_hit = loaded.cache_hit,
+            cache_key = %loaded.cache_key,
+            "data loaded"
+        );
+        for file in loaded.skipped.iter().take(20) {
+            tracing::warn!(file = %file, "skipped an undecodable image");
+        }
+    }
     let parameters = plan.arch.parameter_count();
     Ok(pb::TaskResult {
         checkpoint: trained.key.clone(),
@@ -352,12 +423,10 @@ fn train(
         before: trained
             .before
             .map(|b| model_report(&plan.label, parameters, b, &init)),
-        after: Some(model_report(
-            &plan.label,
-            parameters,
-            trained.after,
-            &trained.key,
-        )),
+        after: Some(pb::ModelReport {
+            data: trained.data.as_ref().map(data_load),
+            ..model_report(&plan.label, parameters, trained.after, &trained.key)
+        }),
         evaluations: Vec::new(),
         compute_seconds: 0.0,
         samples_per_second: trained.outcome.samples_per_second,
@@ -410,6 +479,18 @@ fn model_report(name: &str, parameters: usize, e: Evaluation, checkpoint: &str) 
         loss: e.loss,
         parameters: parameters as u64,
         checkpoint: checkpoint.to_string(),
+        data: None,
+    }
+}
+
+fn data_load(l: &LoadReport) -> pb::DataLoad {
+    pb::DataLoad {
+        source: l.source.clone(),
+        images: l.images as u64,
+        skipped: l.skipped.len() as u64,
+        seconds: l.seconds,
+        cache_hit: l.cache_hit,
+        cache_key: l.cache_key.clone(),
     }
 }
 

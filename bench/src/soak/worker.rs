@@ -294,6 +294,7 @@ impl SimWorker {
             loss: 1.1,
             parameters: 6_442,
             checkpoint: checkpoint.into(),
+            data: None,
         };
         let mut result = pb::TaskResult {
             compute_seconds: seconds,

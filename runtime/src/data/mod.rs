@@ -1,22 +1,45 @@
-//! Data sets, read from a local folder (or bytes fetched from an object-store
-//! prefix by the caller), never downloaded: the MNIST family in IDX format,
-//! CIFAR-10/100 binary batches, and a seeded synthetic set for tests.
+//! Data sets, read from a local folder (or an object-store prefix through
+//! the caller's [`FileSource`]), never downloaded: the MNIST family in IDX
+//! format, CIFAR-10/100 binary batches, a seeded synthetic set for tests,
+//! and the user's own data as image folders or array files.
 
+pub mod arrays;
+pub mod cache;
 mod device;
+pub mod export;
+pub mod folder;
 mod formats;
+mod own;
 mod synthetic;
 
+pub use cache::{DataCache, DirCache};
 pub use device::{AugmentDraws, Batches, DeviceSet, Normalization};
 pub use formats::{cifar_batch, idx_images, maybe_gunzip, parse_idx, ImageSet};
-pub use nt_spec::data::{Augment, DataFiles, DataSpec, SyntheticSpec};
+pub use nt_spec::data::{Augment, DataFiles, DataFormat, DataSpec, SyntheticSpec};
+pub use own::{memory_limit, parse_bytes, LoadOptions, LoadReport, BYTES_PER_PIXEL};
 pub use synthetic::generate_synthetic;
 
 use crate::{Result, RuntimeError};
 
+/// A file (or, from a local folder, a folder) under a [`FileSource`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    /// Relative to the source, `/`-separated.
+    pub name: String,
+    pub size: u64,
+    /// Changes when the content does: a modification time or an ETag.
+    pub version: String,
+    pub is_dir: bool,
+}
+
 /// Reads a data set's files by name: a local folder here, an object-store
-/// prefix in the worker. `Ok(None)` means the file does not exist.
-pub trait FileSource {
+/// prefix in the worker. `Ok(None)` means the file does not exist. Shared
+/// by the threads that decode images.
+pub trait FileSource: Sync {
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Everything under `dir` (`""`: the whole source), at any depth,
+    /// sorted by name. An object store lists files only.
+    fn list(&self, dir: &str) -> Result<Vec<Listed>>;
     /// Where the files come from, for messages.
     fn describe(&self) -> String;
 }
@@ -34,6 +57,54 @@ impl FileSource for LocalDir {
         }
     }
 
+    /// Walks the folder. Hidden entries (`.name`) and symbolic links are
+    /// left out, so a listing never leaves the folder.
+    fn list(&self, dir: &str) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let mut pending = vec![dir.trim_matches('/').to_string()];
+        while let Some(rel) = pending.pop() {
+            let path = self.0.join(&rel);
+            let entries = match std::fs::read_dir(&path) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(RuntimeError::io(path, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| RuntimeError::io(&path, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| RuntimeError::io(entry.path(), e))?;
+                let name = if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                if meta.is_dir() {
+                    pending.push(name.clone());
+                } else if !meta.is_file() {
+                    continue;
+                }
+                out.push(Listed {
+                    name,
+                    size: meta.len(),
+                    version: modified.to_string(),
+                    is_dir: meta.is_dir(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         self.0.display().to_string()
     }
@@ -47,6 +118,10 @@ pub struct Splits {
     pub valid: Option<ImageSet>,
     pub test: ImageSet,
     pub classes: usize,
+    /// The class names, when the source names them (image folders).
+    pub class_names: Vec<String>,
+    /// How the user's own data was loaded (image folders and arrays).
+    pub loaded: Option<LoadReport>,
 }
 
 fn read_file(source: &dyn FileSource, name: &str) -> Result<Vec<u8>> {
@@ -71,6 +146,8 @@ pub struct Prepared {
     pub classes: usize,
     pub shape: [usize; 3],
     pub normalization: Normalization,
+    /// How the user's own data was loaded (image folders and arrays).
+    pub loaded: Option<LoadReport>,
 }
 
 impl Prepared {
@@ -129,6 +206,7 @@ impl Splits {
             classes: self.classes,
             shape: self.train.shape,
             normalization,
+            loaded: self.loaded.clone(),
         })
     }
 
@@ -197,14 +275,22 @@ impl SplitMix64 {
     }
 }
 
-/// Loads a data set from `source` (ignored for `synthetic`) and splits it.
+/// Loads a known data set from `source` (ignored for `synthetic`) and
+/// splits it. The user's own data needs [`load_with`] and the input shape.
 pub fn load(spec: &DataSpec, source: &dyn FileSource) -> Result<Splits> {
-    if !(0.0..1.0).contains(&spec.validation) {
-        return Err(RuntimeError::Data(format!(
-            "validation fraction must be in [0, 1), got {}",
-            spec.validation
-        )));
-    }
+    load_with(spec, source, &LoadOptions::new(&[]))
+}
+
+/// Loads a data set from `source` and splits it; image folders are decoded
+/// to `options.input_shape` (or read from `options.cache`).
+pub fn load_with(
+    spec: &DataSpec,
+    source: &dyn FileSource,
+    options: &LoadOptions<'_>,
+) -> Result<Splits> {
+    spec.validate()?;
+    let mut class_names = Vec::new();
+    let mut loaded = None;
     let (train, test) = match spec.files()? {
         DataFiles::Idx {
             train_images,
@@ -257,14 +343,30 @@ pub fn load(spec: &DataSpec, source: &dyn FileSource) -> Result<Splits> {
                 generate_synthetic(&s, s.test, s.seed ^ 0x5eed)?,
             )
         }
+        own @ (DataFiles::ImageFolder | DataFiles::Arrays) => {
+            let read = match own {
+                DataFiles::ImageFolder => own::image_folder(spec, source, options)?,
+                _ => own::arrays(spec, source, options)?,
+            };
+            class_names = read.classes;
+            loaded = Some(read.report);
+            match read.test {
+                Some(test) => (read.train, test),
+                None => hold_out_test(spec, source, read.train)?,
+            }
+        }
     };
-    let classes = train
-        .labels
-        .iter()
-        .chain(&test.labels)
-        .copied()
-        .max()
-        .map_or(0, |m| m as usize + 1);
+    let classes = if class_names.is_empty() {
+        train
+            .labels
+            .iter()
+            .chain(&test.labels)
+            .copied()
+            .max()
+            .map_or(0, |m| m as usize + 1)
+    } else {
+        class_names.len()
+    };
     let subset = |set: ImageSet, n: Option<usize>, salt: u64| match n {
         Some(n) if n < set.len() => {
             let mut idx = permutation(set.len(), spec.split_seed ^ salt);
@@ -299,7 +401,31 @@ pub fn load(spec: &DataSpec, source: &dyn FileSource) -> Result<Splits> {
         valid,
         test,
         classes,
+        class_names,
+        loaded,
     })
+}
+
+/// Splits a seeded `test_split` fraction off a source without a test split.
+fn hold_out_test(
+    spec: &DataSpec,
+    source: &dyn FileSource,
+    train: ImageSet,
+) -> Result<(ImageSet, ImageSet)> {
+    let n_test = (train.len() as f64 * spec.test_split).round() as usize;
+    if n_test == 0 {
+        return Err(RuntimeError::Data(format!(
+            "{}: no test split (a test/ folder, or test arrays); add one or set data.test_split \
+             to hold out a fraction of the training images",
+            source.describe()
+        )));
+    }
+    let order = permutation(train.len(), spec.split_seed ^ 0x686f_6c64);
+    let mut test: Vec<usize> = order[..n_test].to_vec();
+    let mut rest: Vec<usize> = order[n_test..].to_vec();
+    test.sort_unstable();
+    rest.sort_unstable();
+    Ok((train.select(&rest), train.select(&test)))
 }
 
 /// Loads a data set from its local folder (the Debian package's for Fashion-MNIST).

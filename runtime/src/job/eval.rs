@@ -6,8 +6,7 @@ use std::rc::Rc;
 use nt_spec::{DataSpec, EvalItem};
 use tch::Device;
 
-use super::{load_model, recorded_normalization, ArchOf, JobHooks, JobIo, ModelRef};
-use crate::data;
+use super::{load_data, load_model, recorded_normalization, ArchOf, JobHooks, JobIo, ModelRef};
 use crate::model::Network;
 use crate::train::{self, Evaluation};
 use crate::{Result, RuntimeError};
@@ -55,18 +54,25 @@ pub fn run_evaluation(
 ) -> Result<Vec<Evaluated>> {
     let mut loaded: HashMap<String, Rc<Network>> = HashMap::new();
     let mut recorded = None;
-    if job.normalize == Normalize::Recorded {
+    // Image folders are decoded to the models' input size.
+    let mut input_shape = match &job.arch {
+        ArchOf::Given(arch) => Some(arch.input_shape().to_vec()),
+        ArchOf::Recorded => None,
+    };
+    if job.normalize == Normalize::Recorded || input_shape.is_none() {
         if let Some(key) = job.items.first().and_then(|i| i.checkpoints.first()) {
             let (arch, state) = load_model(io, &model_ref(key, &job.arch))?;
-            recorded = recorded_normalization(&state);
+            if job.normalize == Normalize::Recorded {
+                recorded = recorded_normalization(&state);
+            }
+            input_shape = Some(arch.input_shape().to_vec());
             loaded.insert(
                 key.clone(),
                 Rc::new(Network::from_state(&arch, &state, job.device)?),
             );
         }
     }
-    let source = io.data_source(&job.data)?;
-    let splits = data::load(&job.data, source.as_ref())?;
+    let splits = load_data(io, &job.data, input_shape.as_deref().unwrap_or(&[]))?;
     let data = splits.to_device_with(job.device, recorded)?;
     let mut out = Vec::with_capacity(job.items.len());
     for item in &job.items {

@@ -38,6 +38,13 @@ impl JobIo for LocalFiles {
     fn data_source(&self, spec: &data::DataSpec) -> Result<Box<dyn FileSource + '_>> {
         Ok(Box::new(data::local_source(spec)?))
     }
+
+    /// Decoded image folders go to the user's cache folder (`NT_DATA_CACHE`,
+    /// else `~/.cache/nt/data`).
+    fn data_cache(&self) -> Option<Box<dyn data::DataCache + '_>> {
+        data::DirCache::default_dir()
+            .map(|d| Box::new(data::DirCache(d)) as Box<dyn data::DataCache>)
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub use eval::{run_evaluation, EvalJob, Evaluated, Normalize};
 pub use local::LocalFiles;
 pub use train::{epoch_state_key, run_training, Provenance, Start, TrainJob, Trained};
 
-use crate::data::{self, FileSource, Normalization, Prepared, Splits};
+use crate::data::{self, DataCache, FileSource, LoadOptions, Normalization, Prepared, Splits};
 use crate::train::Progress;
 use crate::{Result, RuntimeError};
 
@@ -39,6 +39,10 @@ pub trait JobIo {
     fn write(&self, key: &str, bytes: Vec<u8>) -> Result<()>;
     /// Where the files of the data set `spec` are read from.
     fn data_source(&self, spec: &DataSpec) -> Result<Box<dyn FileSource + '_>>;
+    /// Where decoded image folders are kept (none: decode every time).
+    fn data_cache(&self) -> Option<Box<dyn DataCache + '_>> {
+        None
+    }
 }
 
 /// What a job tells its caller while it runs, and how the caller stops it.
@@ -129,8 +133,18 @@ fn prepare(
     device: Device,
     normalization: Option<Normalization>,
 ) -> Result<Prepared> {
-    let source = io.data_source(spec)?;
-    let splits: Splits = data::load(spec, source.as_ref())?;
+    let splits = load_data(io, spec, arch.input_shape())?;
     splits.check_fits(arch)?;
     splits.to_device_with(device, normalization)
+}
+
+/// Loads a data set through `io`'s source and cache, for an input of `input_shape`.
+fn load_data(io: &dyn JobIo, spec: &DataSpec, input_shape: &[usize]) -> Result<Splits> {
+    let source = io.data_source(spec)?;
+    let cache = io.data_cache();
+    let options = LoadOptions {
+        cache: cache.as_deref(),
+        ..LoadOptions::new(input_shape)
+    };
+    data::load_with(spec, source.as_ref(), &options)
 }

@@ -9,6 +9,7 @@ use nt_spec::{DataSpec, TrainConfig};
 use tch::Device;
 
 use super::{load_model, prepare, recorded_normalization, JobHooks, JobIo, ModelRef, Started};
+use crate::data::LoadReport;
 use crate::model::Network;
 use crate::train::{self, Control, Evaluation, Progress, TrainHooks, TrainOutcome, TrainState};
 use crate::{Result, RuntimeError};
@@ -66,6 +67,8 @@ pub struct Trained {
     /// The history, whether it stopped (never: a stop is an error) and the
     /// training throughput.
     pub outcome: TrainOutcome,
+    /// How the user's own data was loaded (image folders and arrays).
+    pub data: Option<LoadReport>,
 }
 
 /// The key of epoch `epoch`'s state under `prefix`.
@@ -152,6 +155,7 @@ pub fn run_training(job: &TrainJob, io: &dyn JobIo, hooks: &mut dyn JobHooks) ->
         before,
         after,
         outcome,
+        data: data.loaded.clone(),
     })
 }
 

@@ -122,6 +122,21 @@ pub struct Score {
     pub loss: f64,
     pub parameters: u64,
     pub checkpoint: String,
+    /// How the task that trained it loaded the user's data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataLoad>,
+}
+
+/// How a training task loaded the user's data (image folders and arrays).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataLoad {
+    pub source: String,
+    pub images: u64,
+    pub skipped: u64,
+    #[serde(with = "floats")]
+    pub seconds: f64,
+    pub cache_hit: bool,
+    pub cache_key: String,
 }
 
 /// What an accepted attempt produced.

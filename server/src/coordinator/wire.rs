@@ -7,7 +7,7 @@ use nt_spec::wire::method_to_wire;
 use nt_spec::Plan;
 
 use super::document::{
-    CurvePoint, FusedRecord, GroupKept, Outcome, Progress, RunDocument, RunState, Score,
+    CurvePoint, DataLoad, FusedRecord, GroupKept, Outcome, Progress, RunDocument, RunState, Score,
     TaskRecord, TaskState,
 };
 use nt_common::layout;
@@ -103,6 +103,14 @@ impl From<&pb::ModelReport> for Score {
             loss: m.loss,
             parameters: m.parameters,
             checkpoint: m.checkpoint.clone(),
+            data: m.data.as_ref().map(|d| DataLoad {
+                source: d.source.clone(),
+                images: d.images,
+                skipped: d.skipped,
+                seconds: d.seconds,
+                cache_hit: d.cache_hit,
+                cache_key: d.cache_key.clone(),
+            }),
         }
     }
 }
@@ -115,6 +123,14 @@ impl From<&Score> for pb::ModelReport {
             loss: s.loss,
             parameters: s.parameters,
             checkpoint: s.checkpoint.clone(),
+            data: s.data.as_ref().map(|d| pb::DataLoad {
+                source: d.source.clone(),
+                images: d.images,
+                skipped: d.skipped,
+                seconds: d.seconds,
+                cache_hit: d.cache_hit,
+                cache_key: d.cache_key.clone(),
+            }),
         }
     }
 }
