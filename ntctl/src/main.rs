@@ -76,6 +76,8 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     /// List the architecture presets or print one as a spec file.
     Arch(cmd::arch::ArchArgs),
+    /// Load, export or upload data sets (image folders and arrays).
+    Data(cmd::data::DataCmdArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -92,6 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => cmd::train::run(*args, output),
         Command::Eval(args) => cmd::eval::run(args, output),
         Command::Arch(args) => cmd::arch::run(args, output),
+        Command::Data(args) => runtime()?.block_on(cmd::data::run(args, output)),
         Command::Run(args) => runtime()?.block_on(cmd::run_local::run(*args, &connect, output)),
         Command::Experiment(args) => {
             runtime()?.block_on(cmd::experiment::run(*args, &connect, output))

@@ -1,4 +1,5 @@
 pub mod arch;
+pub mod data;
 pub mod eval;
 pub mod experiment;
 pub mod fuse;

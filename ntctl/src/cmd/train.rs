@@ -23,9 +23,20 @@ pub const EVAL_BATCH: usize = nt_spec::defaults::EVAL_BATCH;
 #[derive(Args, Clone)]
 pub struct DataArgs {
     /// Data set as `name[:folder]`: fashion-mnist (default, from the Debian
-    /// package), mnist, kmnist, emnist-<split>, cifar10, cifar100, synthetic.
+    /// package), mnist, kmnist, emnist-<split>, cifar10, cifar100, synthetic;
+    /// your own as `image-folder:DIR` or `arrays:DIR`.
     #[arg(long, default_value = defaults::DATASET, env = "NT_DATA")]
     pub data: String,
+    /// Image folders: skip undecodable images (and list them) instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Image folders and arrays without a test split: hold out this fraction
+    /// of the training images as the test split.
+    #[arg(long, default_value_t = 0.0)]
+    pub test_split: f64,
+    /// Arrays: nchw or nhwc (default: inferred from the architecture's input).
+    #[arg(long)]
+    pub layout: Option<String>,
     /// Fraction of the training set held out for validation.
     #[arg(long, default_value_t = 0.0)]
     pub validation: f64,
@@ -45,12 +56,21 @@ pub struct DataArgs {
 
 impl DataArgs {
     pub fn spec(&self) -> Result<DataSpec> {
-        Ok(DataSpec {
+        let spec = DataSpec {
             validation: self.validation,
             train_subset: self.train_subset,
             test_subset: self.test_subset,
+            skip_bad: self.skip_bad,
+            test_split: self.test_split,
+            layout: self
+                .layout
+                .as_deref()
+                .map(nt_spec::data::ArrayLayout::parse)
+                .transpose()?,
             ..DataSpec::parse_short(&self.data)?
-        })
+        };
+        spec.validate()?;
+        Ok(spec)
     }
 
     /// Applies the thread count and resolves the device (loading CUDA when asked).
@@ -168,6 +188,9 @@ impl JobHooks for CliHooks {
                 start.data.test.len,
                 start.device
             );
+            if let Some(loaded) = &start.data.loaded {
+                println!("{}", super::data::describe_load(loaded));
+            }
         }
     }
 
@@ -200,6 +223,9 @@ struct TrainReport<'a> {
     test: Evaluation,
     #[serde(flatten)]
     outcome: &'a TrainOutcome,
+    /// How the user's own data was loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<super::data::LoadJson>,
 }
 
 pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
@@ -274,6 +300,7 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
             device: format!("{device:?}"),
             test: trained.after,
             outcome: &trained.outcome,
+            data: trained.data.as_ref().map(super::data::LoadJson::from),
         })?,
         OutputFormat::Text => println!(
             "test accuracy {:.2}%  loss {:.4}  ({:.0} training samples/s) -> {}",

@@ -264,9 +264,10 @@ fn to_image_set(
         ([_, a, b, d], Some(ArrayLayout::Nhwc)) if [*a, *b, *d] == [h, w, c] => false,
         ([_, a, b, d], None) if [*a, *b, *d] == [c, h, w] => true,
         ([_, a, b, d], None) if [*a, *b, *d] == [h, w, c] => false,
-        (shape, _) => return Err(bad(
-            x_file,
-            format!(
+        (shape, _) => {
+            return Err(bad(
+                x_file,
+                format!(
                 "images of shape {shape:?} do not fit the architecture's input [{c}, {h}, {w}]: \
                      expected [n, {c}, {h}, {w}] (nchw){}{}",
                 if c == 1 {
@@ -276,7 +277,8 @@ fn to_image_set(
                 },
                 format_args!(" or [n, {h}, {w}, {c}] (nhwc)"),
             ),
-        )),
+            ))
+        }
     };
     if y.shape != [n] {
         return Err(bad(

@@ -59,6 +59,12 @@ fn is_image(name: &str) -> bool {
 /// classes in `train/` and `test/`.
 pub fn list(source: &dyn FileSource) -> Result<FolderListing> {
     let all = source.list("")?;
+    if all.is_empty() {
+        return Err(RuntimeError::Data(format!(
+            "{}: does not exist or is empty",
+            source.describe()
+        )));
+    }
     let has = |prefix: &str| all.iter().any(|e| e.name.starts_with(prefix));
     let (train, test) = if has("train/") {
         let test = has("test/")

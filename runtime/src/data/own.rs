@@ -240,6 +240,12 @@ pub fn arrays(
     let started = Instant::now();
     let shape = options.image_shape(spec)?;
     let listing = source.list("")?;
+    if listing.is_empty() {
+        return Err(RuntimeError::Data(format!(
+            "{}: does not exist or is empty",
+            source.describe()
+        )));
+    }
     let x_bytes: u64 = listing
         .iter()
         .filter(|e| {
