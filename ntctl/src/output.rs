@@ -1,5 +1,6 @@
 //! How verbs print (text for people, JSON for scripts) and how they exit.
 
+use nt_runtime::data::LoadReport;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,3 +55,44 @@ impl std::fmt::Display for Exit {
 }
 
 impl std::error::Error for Exit {}
+
+/// A data load in `--output json` (and `ntctl train`'s JSON).
+#[derive(Serialize)]
+pub struct LoadJson {
+    pub source: String,
+    pub images: usize,
+    pub skipped: Vec<String>,
+    pub seconds: f64,
+    pub cache_hit: bool,
+    pub cache_key: String,
+}
+
+impl From<&LoadReport> for LoadJson {
+    fn from(l: &LoadReport) -> Self {
+        LoadJson {
+            source: l.source.clone(),
+            images: l.images,
+            skipped: l.skipped.clone(),
+            seconds: l.seconds,
+            cache_hit: l.cache_hit,
+            cache_key: l.cache_key.clone(),
+        }
+    }
+}
+
+/// One line saying how a data set was loaded.
+pub fn describe_load(l: &LoadReport) -> String {
+    let how = match (l.cache_hit, l.cache_key.is_empty()) {
+        (true, _) => format!("read from the decoded cache {}", l.cache_key),
+        (false, false) => format!("decoded; cached as {}", l.cache_key),
+        (false, true) => "read (no cache)".to_string(),
+    };
+    let skipped = match l.skipped.len() {
+        0 => String::new(),
+        n => format!(", {n} undecodable skipped"),
+    };
+    format!(
+        "data: {} images from {} in {:.2} s, {how}{skipped}",
+        l.images, l.source, l.seconds
+    )
+}

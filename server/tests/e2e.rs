@@ -1337,3 +1337,99 @@ async fn an_unreadable_run_document_is_skipped_and_never_overwritten() {
     assert_eq!(bytes, garbage, "the document was left as it was");
     assert!(c.logs().contains("skipping a run document"), "{}", c.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_folder_in_the_bucket_trains_the_run_and_is_decoded_only_once() {
+    let _serial = serial();
+    let mut c = Cluster::new(StoreKind::S3);
+    c.start_server();
+    c.start_worker("w1");
+    // Fashion-MNIST images as PNG files, uploaded the way the README says.
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("fm");
+    let out = ntctl()
+        .args([
+            "data",
+            "export",
+            "--train-subset",
+            "3000",
+            "--test-subset",
+            "500",
+        ])
+        .args(["--format", "image-folder", "--out"])
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (store_args, store_env) = c.store_args();
+    let out = ntctl()
+        .args(["data", "upload"])
+        .arg(&folder)
+        .arg("datasets/fm")
+        .args(&store_args)
+        .envs(store_env)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("uploaded 3500 files"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let yaml = r#"
+name: own-data
+data: {format: image-folder, path: "store:datasets/fm"}
+architecture: "mlp:hidden=64,depth=2"
+members: {count: 2, training: {epochs: 2, batch_size: 64, lr: 0.05}}
+fusion: [nt]
+fine_tuning: {training: {epochs: 1, batch_size: 64}}
+"#;
+    let spec = nt_spec::RunSpecFile::from_yaml(yaml)
+        .unwrap()
+        .to_proto(Path::new("."))
+        .unwrap();
+    let run_id = submit(&c, spec, "").await.run.unwrap().run_id;
+    let run = c.wait_for(&run_id, LONG, is_final).await;
+    assert_eq!(
+        state(&run),
+        pb::RunState::Succeeded,
+        "{}: {}",
+        run.message,
+        c.logs()
+    );
+
+    let report = run.report.unwrap();
+    let first = report.members[0].data.clone().unwrap();
+    assert!(!first.cache_hit, "the first task decodes: {first:?}");
+    assert_eq!(first.images, 3500);
+    assert!(first.seconds > 0.0);
+    assert!(first.source.ends_with("datasets/fm"), "{first:?}");
+    assert!(first.cache_key.starts_with("cache/data/"), "{first:?}");
+    // Every later task reads the decoded set back instead.
+    let second = report.members[1].data.clone().unwrap();
+    assert!(
+        second.cache_hit && second.cache_key == first.cache_key,
+        "{second:?}"
+    );
+    let tuned = report.fused[0].after_fine_tuning.clone().unwrap();
+    assert!(tuned.data.unwrap().cache_hit);
+    assert!(
+        report.members.iter().all(|m| m.accuracy > 0.6),
+        "{report:?}"
+    );
+    assert!(c.objects().await.contains(&first.cache_key));
+    let log = std::fs::read_to_string(c.dir.path().join("w1.log")).unwrap();
+    // Without the terminal colours.
+    let log: String = log
+        .split('\x1b')
+        .map(|part| match part.split_once('m') {
+            Some((_, rest)) if part.starts_with('[') => rest,
+            _ => part,
+        })
+        .collect();
+    assert!(
+        log.contains("data loaded") && log.contains("cache_hit=true"),
+        "{log}"
+    );
+}

@@ -10,11 +10,11 @@ use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use nt_common::{Storage, StorageArgs};
 use nt_runtime::data::export::{write_arrays, write_image_folder};
-use nt_runtime::data::{self, DataCache, DirCache, FileSource, LoadOptions, LoadReport, LocalDir};
+use nt_runtime::data::{self, DataCache, DirCache, FileSource, LoadOptions, LocalDir};
 use serde::Serialize;
 
 use super::train::DataArgs;
-use crate::output::{print_json, OutputFormat};
+use crate::output::{describe_load, print_json, LoadJson, OutputFormat};
 
 #[derive(Args)]
 pub struct DataCmdArgs {
@@ -78,47 +78,6 @@ struct UploadArgs {
     /// Uploads in flight at once.
     #[arg(long, default_value_t = 16)]
     parallel: usize,
-}
-
-/// A data load in `--output json` (and `ntctl train`'s JSON).
-#[derive(Serialize)]
-pub struct LoadJson {
-    pub source: String,
-    pub images: usize,
-    pub skipped: Vec<String>,
-    pub seconds: f64,
-    pub cache_hit: bool,
-    pub cache_key: String,
-}
-
-impl From<&LoadReport> for LoadJson {
-    fn from(l: &LoadReport) -> Self {
-        LoadJson {
-            source: l.source.clone(),
-            images: l.images,
-            skipped: l.skipped.clone(),
-            seconds: l.seconds,
-            cache_hit: l.cache_hit,
-            cache_key: l.cache_key.clone(),
-        }
-    }
-}
-
-/// One line saying how a data set was loaded.
-pub fn describe_load(l: &LoadReport) -> String {
-    let how = match (l.cache_hit, l.cache_key.is_empty()) {
-        (true, _) => format!("read from the decoded cache {}", l.cache_key),
-        (false, false) => format!("decoded; cached as {}", l.cache_key),
-        (false, true) => "read (no cache)".to_string(),
-    };
-    let skipped = match l.skipped.len() {
-        0 => String::new(),
-        n => format!(", {n} undecodable skipped"),
-    };
-    format!(
-        "data: {} images from {} in {:.2} s, {how}{skipped}",
-        l.images, l.source, l.seconds
-    )
 }
 
 pub async fn run(args: DataCmdArgs, output: OutputFormat) -> Result<()> {

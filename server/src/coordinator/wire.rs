@@ -103,14 +103,7 @@ impl From<&pb::ModelReport> for Score {
             loss: m.loss,
             parameters: m.parameters,
             checkpoint: m.checkpoint.clone(),
-            data: m.data.as_ref().map(|d| DataLoad {
-                source: d.source.clone(),
-                images: d.images,
-                skipped: d.skipped,
-                seconds: d.seconds,
-                cache_hit: d.cache_hit,
-                cache_key: d.cache_key.clone(),
-            }),
+            data: m.data.as_ref().map(DataLoad::from),
         }
     }
 }
@@ -123,14 +116,33 @@ impl From<&Score> for pb::ModelReport {
             loss: s.loss,
             parameters: s.parameters,
             checkpoint: s.checkpoint.clone(),
-            data: s.data.as_ref().map(|d| pb::DataLoad {
-                source: d.source.clone(),
-                images: d.images,
-                skipped: d.skipped,
-                seconds: d.seconds,
-                cache_hit: d.cache_hit,
-                cache_key: d.cache_key.clone(),
-            }),
+            data: s.data.as_ref().map(pb::DataLoad::from),
+        }
+    }
+}
+
+impl From<&pb::DataLoad> for DataLoad {
+    fn from(d: &pb::DataLoad) -> Self {
+        DataLoad {
+            source: d.source.clone(),
+            images: d.images,
+            skipped: d.skipped,
+            seconds: d.seconds,
+            cache_hit: d.cache_hit,
+            cache_key: d.cache_key.clone(),
+        }
+    }
+}
+
+impl From<&DataLoad> for pb::DataLoad {
+    fn from(d: &DataLoad) -> Self {
+        pb::DataLoad {
+            source: d.source.clone(),
+            images: d.images,
+            skipped: d.skipped,
+            seconds: d.seconds,
+            cache_hit: d.cache_hit,
+            cache_key: d.cache_key.clone(),
         }
     }
 }
@@ -226,11 +238,24 @@ fn fill_report(report: &mut pb::RunReport, doc: &RunDocument, plan: &Plan) {
         .flat_map(|o| o.evaluations.iter())
         .map(|s| (s.name.as_str(), s))
         .collect();
+    // How the task that trained each model loaded its data.
+    let loads: std::collections::HashMap<String, &DataLoad> = doc
+        .tasks
+        .iter()
+        .filter_map(|t| {
+            let data = t.outcome.as_ref()?.after.as_ref()?.data.as_ref()?;
+            Some((t.work.model_name()?, data))
+        })
+        .collect();
     let score = |name: &str| -> pb::ModelReport {
-        evals
+        let mut report = evals
             .get(name)
             .map(|s| pb::ModelReport::from(*s))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(data) = loads.get(name) {
+            report.data = Some(pb::DataLoad::from(*data));
+        }
+        report
     };
     let params = plan.arch.parameter_count() as u64;
     report.members = doc
