@@ -369,6 +369,67 @@ device: any
     }
 
     #[test]
+    fn own_data_specs_are_checked_at_submission() {
+        let plan_of = |data: &str, arch: &str| {
+            let yaml = format!("data: {data}\narchitecture: \"{arch}\"\nmembers: {{count: 2}}\n");
+            let wire = RunSpecFile::from_yaml(&yaml)?.to_proto(std::path::Path::new("."))?;
+            plan(&wire, &keys)
+        };
+        let ok = plan_of(
+            "{format: image-folder, path: \"store:datasets/flowers/\", skip_bad: true}",
+            "lenet",
+        )
+        .unwrap();
+        assert_eq!(ok.data.dataset, "flowers", "named after its folder");
+        assert_eq!(ok.data.format, Some(crate::data::DataFormat::ImageFolder));
+        assert!(ok.data.skip_bad);
+        let wire = data_from_wire(&crate::wire::data_to_wire(&ok.data)).unwrap();
+        assert_eq!(wire, ok.data, "the wire form round-trips");
+        let refused = |data: &str, arch: &str, field: &str, words: &str| {
+            let e = plan_of(data, arch).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.to_string().contains(words), "{e}");
+        };
+        refused(
+            "{format: images, path: x}",
+            "lenet",
+            "data.format",
+            "unknown data format `images`",
+        );
+        refused("{format: arrays}", "lenet", "data.path", "needs a path");
+        refused(
+            "{format: arrays, path: x, skip_bad: true}",
+            "lenet",
+            "data.skip_bad",
+            "image-folder",
+        );
+        refused(
+            "{format: image-folder, path: x, layout: nhwc}",
+            "lenet",
+            "data.layout",
+            "arrays",
+        );
+        refused(
+            "{format: arrays, path: x, layout: hwcn}",
+            "lenet",
+            "data.layout",
+            "unknown array layout",
+        );
+        refused(
+            "{format: arrays, path: x, test_split: 1.0}",
+            "lenet",
+            "data.test_split",
+            "[0, 1)",
+        );
+        refused(
+            "{dataset: mnist, test_split: 0.2}",
+            "lenet",
+            "data.test_split",
+            "known sets",
+        );
+    }
+
+    #[test]
     fn unknown_fields_and_bad_values_name_the_field() {
         let e = RunSpecFile::from_yaml("architecture: mlp\nmembers: {count: 2}\nfusoin: [nt]\n")
             .unwrap_err();
