@@ -173,6 +173,7 @@ mod tests {
             "fashion-lenet",
             "cifar10-resnet18",
             "fuse-existing",
+            "image-folder",
             "nightly",
         ] {
             let file = format!("{}/../examples/{path}.yaml", env!("CARGO_MANIFEST_DIR"));
