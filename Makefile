@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 
-.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline bench-comparison soak gpu-check
+.PHONY: setup build demo test fuzz fmt lint bench bench-fusion bench-throughput bench-paper bench-pipeline bench-comparison bench-data soak gpu-check
 
 setup:
 	./scripts/setup.sh
@@ -38,12 +38,17 @@ lint: setup
 	$(ENV) cargo clippy --workspace --all-targets -- -D warnings
 	$(ENV) python3 scripts/check_layout.py .
 
-bench: bench-fusion bench-throughput bench-paper bench-pipeline
+bench: bench-fusion bench-throughput bench-paper bench-pipeline bench-data
 
 # POT (the reference OT's exact solver) only for this benchmark, installed on demand.
 bench-fusion: build
 	$(ENV) (python3 -c 'import ot' 2>/dev/null || python3 -m pip install --quiet 'POT==0.9.7.post1')
 	$(ENV) python3 bench/fusion_bench.py --json target/bench-fusion.json --plot target/bench-fusion.svg
+
+# torchvision (the baseline's ImageFolder) only for this benchmark, installed on demand.
+bench-data: build
+	$(ENV) (python3 -c 'import torchvision' 2>/dev/null || python3 -m pip install --quiet 'torchvision==0.26.0')
+	$(ENV) python3 bench/image_folder.py --repeat 3
 
 bench-throughput: build
 	$(ENV) python3 bench/throughput.py

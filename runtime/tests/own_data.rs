@@ -63,6 +63,8 @@ fn an_image_folder_loads_in_class_then_file_order_with_sorted_class_names() {
     // Files that are not images, and hidden files, are not samples.
     std::fs::write(dir.path().join("train/0/notes.txt"), "x").unwrap();
     std::fs::write(dir.path().join("train/0/.hidden.png"), "x").unwrap();
+    // Nor are symbolic links: a listing never leaves the folder.
+    std::os::unix::fs::symlink("/etc/hostname", dir.path().join("train/0/link.png")).unwrap();
     let s = load(dir.path(), &[1, 6, 5], None).unwrap();
     assert_eq!(s.class_names, ["0", "1", "2"]);
     assert_eq!(s.classes, 3);

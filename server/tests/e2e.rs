@@ -1339,67 +1339,78 @@ async fn an_unreadable_run_document_is_skipped_and_never_overwritten() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_folder_in_the_bucket_trains_the_run_and_is_decoded_only_once() {
+async fn an_image_folder_in_the_bucket_trains_like_its_arrays_and_is_decoded_only_once() {
     let _serial = serial();
     let mut c = Cluster::new(StoreKind::S3);
     c.start_server();
     c.start_worker("w1");
-    // Fashion-MNIST images as PNG files, uploaded the way the README says.
+    // Fashion-MNIST images as PNG files, and the same images as arrays in
+    // the folder's sample order, uploaded the way the README says.
     let dir = tempfile::tempdir().unwrap();
-    let folder = dir.path().join("fm");
-    let out = ntctl()
-        .args([
-            "data",
-            "export",
-            "--train-subset",
-            "3000",
-            "--test-subset",
-            "500",
-        ])
-        .args(["--format", "image-folder", "--out"])
-        .arg(&folder)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
     let (store_args, store_env) = c.store_args();
-    let out = ntctl()
-        .args(["data", "upload"])
-        .arg(&folder)
-        .arg("datasets/fm")
-        .args(&store_args)
-        .envs(store_env)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("uploaded 3500 files"),
-        "{}",
-        text(&out.stdout)
-    );
-
-    let yaml = r#"
+    for (format, prefix, files) in [("image-folder", "fm", 3500), ("arrays", "fm-arrays", 4)] {
+        let folder = dir.path().join(prefix);
+        let out = ntctl()
+            .args([
+                "data",
+                "export",
+                "--train-subset",
+                "3000",
+                "--test-subset",
+                "500",
+            ])
+            .args(["--format", format, "--in-folder-order", "--out"])
+            .arg(&folder)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = ntctl()
+            .args(["data", "upload"])
+            .arg(&folder)
+            .arg(format!("datasets/{prefix}"))
+            .args(&store_args)
+            .envs(store_env.clone())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let said = text(&out.stdout);
+        assert!(said.contains(&format!("uploaded {files} files")), "{said}");
+    }
+    let spec = |format: &str, prefix: &str| {
+        let yaml = format!(
+            r#"
 name: own-data
-data: {format: image-folder, path: "store:datasets/fm"}
+data: {{format: {format}, path: "store:datasets/{prefix}"}}
 architecture: "mlp:hidden=64,depth=2"
-members: {count: 2, training: {epochs: 2, batch_size: 64, lr: 0.05}}
+members: {{count: 2, training: {{epochs: 2, batch_size: 64, lr: 0.05}}}}
 fusion: [nt]
-fine_tuning: {training: {epochs: 1, batch_size: 64}}
-"#;
-    let spec = nt_spec::RunSpecFile::from_yaml(yaml)
-        .unwrap()
-        .to_proto(Path::new("."))
-        .unwrap();
-    let run_id = submit(&c, spec, "").await.run.unwrap().run_id;
-    let run = c.wait_for(&run_id, LONG, is_final).await;
-    assert_eq!(
-        state(&run),
-        pb::RunState::Succeeded,
-        "{}: {}",
-        run.message,
-        c.logs()
-    );
+fine_tuning: {{training: {{epochs: 1, batch_size: 64}}}}
+"#
+        );
+        nt_spec::RunSpecFile::from_yaml(&yaml)
+            .unwrap()
+            .to_proto(Path::new("."))
+            .unwrap()
+    };
+    let mut runs = Vec::new();
+    for (format, prefix) in [("image-folder", "fm"), ("arrays", "fm-arrays")] {
+        let run_id = submit(&c, spec(format, prefix), "")
+            .await
+            .run
+            .unwrap()
+            .run_id;
+        let run = c.wait_for(&run_id, LONG, is_final).await;
+        assert_eq!(
+            state(&run),
+            pb::RunState::Succeeded,
+            "{}: {}",
+            run.message,
+            c.logs()
+        );
+        runs.push(run);
+    }
 
-    let report = run.report.unwrap();
+    let report = runs[0].report.clone().unwrap();
     let first = report.members[0].data.clone().unwrap();
     assert!(!first.cache_hit, "the first task decodes: {first:?}");
     assert_eq!(first.images, 3500);
@@ -1432,4 +1443,28 @@ fine_tuning: {training: {epochs: 1, batch_size: 64}}
         log.contains("data loaded") && log.contains("cache_hit=true"),
         "{log}"
     );
+
+    // Through the store too, a member trained from the PNG files equals,
+    // bit for bit, the member trained from the arrays.
+    let storage = c.storage();
+    for m in 0..2 {
+        let mut states = Vec::new();
+        for run in &runs {
+            let key = layout::member(&run.run_id, m);
+            let (bytes, _) = storage.get(&key).await.unwrap().unwrap();
+            states.push(fusion::checkpoint::load_bytes(&key, bytes.to_vec()).unwrap());
+        }
+        assert!(!states[0].tensors.is_empty());
+        for (name, t) in &states[0].tensors {
+            assert_eq!(
+                t.bytes(),
+                states[1].get(name).unwrap().bytes(),
+                "member {m}: {name}"
+            );
+        }
+    }
+    let arrays = runs[1].report.clone().unwrap();
+    assert_eq!(arrays.members[0].accuracy, report.members[0].accuracy);
+    let loaded = arrays.members[0].data.clone().unwrap();
+    assert!(!loaded.cache_hit && loaded.cache_key.is_empty() && loaded.images == 3500);
 }

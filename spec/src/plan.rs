@@ -385,10 +385,16 @@ device: any
         assert!(ok.data.skip_bad);
         let wire = data_from_wire(&crate::wire::data_to_wire(&ok.data)).unwrap();
         assert_eq!(wire, ok.data, "the wire form round-trips");
-        let example = format!("{}/../examples/image-folder.yaml", env!("CARGO_MANIFEST_DIR"));
+        let example = format!(
+            "{}/../examples/image-folder.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let file = RunSpecFile::from_yaml(&std::fs::read_to_string(example).unwrap()).unwrap();
         let example = plan(&file.to_proto(std::path::Path::new(".")).unwrap(), &keys).unwrap();
-        assert_eq!(example.data.path.as_deref(), Some("store:datasets/fashion-png"));
+        assert_eq!(
+            example.data.path.as_deref(),
+            Some("store:datasets/fashion-png")
+        );
         let refused = |data: &str, arch: &str, field: &str, words: &str| {
             let e = plan_of(data, arch).unwrap_err();
             assert_eq!(e.field, field, "{e}");

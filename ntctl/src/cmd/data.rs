@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Subcommand, ValueEnum};
 use nt_common::{Storage, StorageArgs};
-use nt_runtime::data::export::{write_arrays, write_image_folder};
+use nt_runtime::data::export::{in_folder_order, write_arrays, write_image_folder};
 use nt_runtime::data::{self, DataCache, DirCache, FileSource, LoadOptions, LocalDir};
 use serde::Serialize;
 
@@ -65,6 +65,10 @@ struct ExportArgs {
     /// The folder to write train/ and test/ into.
     #[arg(long)]
     out: PathBuf,
+    /// Arrays: write the samples in the order an image-folder export of the
+    /// same set is read (by class, then by index), so both train alike.
+    #[arg(long)]
+    in_folder_order: bool,
 }
 
 #[derive(Args)]
@@ -164,6 +168,9 @@ fn export(args: ExportArgs, output: OutputFormat) -> Result<()> {
         let dir = args.out.join(name);
         match args.format {
             ExportFormat::ImageFolder => write_image_folder(set, splits.classes, &dir, threads)?,
+            ExportFormat::Arrays if args.in_folder_order => {
+                write_arrays(&in_folder_order(set), &dir)?
+            }
             ExportFormat::Arrays => write_arrays(set, &dir)?,
         }
     }

@@ -9,12 +9,14 @@ mod device;
 pub mod export;
 pub mod folder;
 mod formats;
+mod local;
 mod own;
 mod synthetic;
 
 pub use cache::{DataCache, DirCache};
 pub use device::{AugmentDraws, Batches, DeviceSet, Normalization};
 pub use formats::{cifar_batch, idx_images, maybe_gunzip, parse_idx, ImageSet};
+pub use local::LocalDir;
 pub use nt_spec::data::{Augment, DataFiles, DataFormat, DataSpec, SyntheticSpec};
 pub use own::{memory_limit, parse_bytes, LoadOptions, LoadReport, BYTES_PER_PIXEL};
 pub use synthetic::generate_synthetic;
@@ -42,72 +44,6 @@ pub trait FileSource: Sync {
     fn list(&self, dir: &str) -> Result<Vec<Listed>>;
     /// Where the files come from, for messages.
     fn describe(&self) -> String;
-}
-
-/// Files in a local folder.
-pub struct LocalDir(pub std::path::PathBuf);
-
-impl FileSource for LocalDir {
-    fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let path = self.0.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(RuntimeError::io(path, e)),
-        }
-    }
-
-    /// Walks the folder. Hidden entries (`.name`) and symbolic links are
-    /// left out, so a listing never leaves the folder.
-    fn list(&self, dir: &str) -> Result<Vec<Listed>> {
-        let mut out = Vec::new();
-        let mut pending = vec![dir.trim_matches('/').to_string()];
-        while let Some(rel) = pending.pop() {
-            let path = self.0.join(&rel);
-            let entries = match std::fs::read_dir(&path) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(RuntimeError::io(path, e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| RuntimeError::io(&path, e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
-                    continue;
-                }
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| RuntimeError::io(entry.path(), e))?;
-                let name = if rel.is_empty() {
-                    name
-                } else {
-                    format!("{rel}/{name}")
-                };
-                let modified = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos());
-                if meta.is_dir() {
-                    pending.push(name.clone());
-                } else if !meta.is_file() {
-                    continue;
-                }
-                out.push(Listed {
-                    name,
-                    size: meta.len(),
-                    version: modified.to_string(),
-                    is_dir: meta.is_dir(),
-                });
-            }
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
-    fn describe(&self) -> String {
-        self.0.display().to_string()
-    }
 }
 
 /// A training set, an optional validation set and a test set, as pixels.
