@@ -214,6 +214,50 @@ fn state_name(run: &pb::Run) -> String {
 }
 
 /// The report as an aligned text table with a one-line verdict.
+/// One line on how the run's tasks loaded the user's data (image folders
+/// and arrays): how many decoded, how long, how many read the cache.
+pub fn data_summary(report: &pb::RunReport) -> Option<String> {
+    let loads: Vec<&pb::DataLoad> = report
+        .members
+        .iter()
+        .chain(report.fused.iter().flat_map(|f| {
+            [&f.after_fine_tuning, &f.after_distilled_fine_tuning]
+                .into_iter()
+                .flatten()
+        }))
+        .chain(&report.baseline)
+        .filter_map(|m| m.data.as_ref())
+        .collect();
+    let first = loads.first()?;
+    let (hits, misses): (Vec<&&pb::DataLoad>, Vec<&&pb::DataLoad>) =
+        loads.iter().partition(|l| l.cache_hit);
+    let seconds = |ls: &[&&pb::DataLoad]| ls.iter().map(|l| l.seconds).fold(0.0, f64::max);
+    let mut parts = vec![format!(
+        "{} images from {}",
+        group(first.images),
+        first.source
+    )];
+    if !misses.is_empty() {
+        parts.push(format!(
+            "read by {} task(s) in up to {:.2} s",
+            misses.len(),
+            seconds(&misses)
+        ));
+    }
+    if !hits.is_empty() {
+        parts.push(format!(
+            "from the decoded cache by {} in up to {:.2} s",
+            hits.len(),
+            seconds(&hits)
+        ));
+    }
+    let skipped = loads.iter().map(|l| l.skipped).max().unwrap_or(0);
+    if skipped > 0 {
+        parts.push(format!("{skipped} undecodable image(s) skipped"));
+    }
+    Some(format!("data: {}", parts.join("; ")))
+}
+
 pub fn text(run: &pb::Run) -> String {
     let rows = rows(run);
     let mut out = String::new();
@@ -277,6 +321,9 @@ pub fn text(run: &pb::Run) -> String {
                     t.wall_seconds, t.task_seconds, t.fusion_seconds
                 );
             }
+        }
+        if let Some(line) = data_summary(report) {
+            let _ = writeln!(out, "{line}");
         }
         let reached: Vec<String> = epochs_to_best_member(run)
             .into_iter()
@@ -535,6 +582,31 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_data_line_says_who_decoded_and_who_read_the_cache() {
+        let mut r = run();
+        assert!(!text(&r).contains("data:"), "no line for the known sets");
+        let load = |hit: bool, seconds: f64| pb::DataLoad {
+            source: "s3://nt/datasets/fm".into(),
+            images: 70_000,
+            skipped: 2,
+            seconds,
+            cache_hit: hit,
+            cache_key: "cache/data/x.safetensors".into(),
+        };
+        let report = r.report.as_mut().unwrap();
+        report.members[0].data = Some(load(false, 9.5));
+        report.members[1].data = Some(load(true, 0.25));
+        let t = text(&r);
+        assert!(
+            t.contains(
+                "data: 70,000 images from s3://nt/datasets/fm; read by 1 task(s) in up to 9.50 s; \
+                 from the decoded cache by 1 in up to 0.25 s; 2 undecodable image(s) skipped"
+            ),
+            "{t}"
+        );
     }
 
     #[test]

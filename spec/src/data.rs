@@ -202,6 +202,17 @@ impl DataSpec {
                 ));
             }
         }
+        if self
+            .path
+            .as_deref()
+            .and_then(|p| p.strip_prefix("store:"))
+            .is_some_and(|prefix| prefix.trim_matches('/').is_empty())
+        {
+            return Err(SpecError::new(
+                "data.path",
+                "`store:` needs a key prefix (store:datasets/flowers), not the whole store",
+            ));
+        }
         if self.skip_bad && self.format != Some(DataFormat::ImageFolder) {
             return Err(SpecError::new(
                 "data.skip_bad",

@@ -408,6 +408,12 @@ device: any
         );
         refused("{format: arrays}", "lenet", "data.path", "needs a path");
         refused(
+            "{format: arrays, path: \"store:/\"}",
+            "lenet",
+            "data.path",
+            "key prefix",
+        );
+        refused(
             "{format: arrays, path: x, skip_bad: true}",
             "lenet",
             "data.skip_bad",

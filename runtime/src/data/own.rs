@@ -166,6 +166,14 @@ pub fn image_folder(
         cache_hit: hit,
         cache_key: key.clone(),
     };
+    // Checked before the cache too: a cached set takes the same memory.
+    let pixels = (listing.images() as u64).saturating_mul(shape.iter().product::<usize>() as u64);
+    check_memory(
+        spec,
+        &format!("{} images of {:?}", listing.images(), shape),
+        pixels,
+        options.memory_limit,
+    )?;
     if let Some(cache) = options.cache {
         // A malformed entry is decoded again and replaced.
         if let Some(Ok(cached)) = cache.read(&key)?.map(|bytes| cache::decode(&key, &bytes)) {
@@ -178,13 +186,6 @@ pub fn image_folder(
             });
         }
     }
-    let pixels = (listing.images() as u64).saturating_mul(shape.iter().product::<usize>() as u64);
-    check_memory(
-        spec,
-        &format!("{} images of {:?}", listing.images(), shape),
-        pixels,
-        options.memory_limit,
-    )?;
     let decode = |split: &folder::SplitListing| -> Result<(ImageSet, Vec<String>)> {
         let d = folder::decode(source, &split.files, shape, spec.skip_bad, options.threads)?;
         let set = ImageSet {
