@@ -185,7 +185,9 @@ pub fn decode(
                         Ok(Some(bytes)) => bytes,
                         Ok(None) => {
                             *failure = Some("the file disappeared while reading".into());
-                            stop.store(!skip_bad, Ordering::Relaxed);
+                            if !skip_bad {
+                                stop.store(true, Ordering::Relaxed);
+                            }
                             continue;
                         }
                         Err(e) => {
@@ -201,7 +203,9 @@ pub fn decode(
                             .unwrap_or_else(|_| Err("the decoder panicked on this file".into()));
                     if let Err(why) = decoded {
                         *failure = Some(why);
-                        stop.store(!skip_bad, Ordering::Relaxed);
+                        if !skip_bad {
+                            stop.store(true, Ordering::Relaxed);
+                        }
                     }
                 });
             }
@@ -252,6 +256,20 @@ pub fn decode_image(
     let image = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     if image.width() == 0 || image.height() == 0 {
         return Err("the image has no pixels".into());
+    }
+    // A strip of an image (1 x 100000) would be resized to thousands of
+    // times the input's area before its crop: refuse it by name instead.
+    let (iw, ih) = (u64::from(image.width()), u64::from(image.height()));
+    let scale_area = (h as u64 * w as u64).max(1);
+    let cover = if ih * w as u64 >= iw * h as u64 {
+        (w as u64) * ((w as u64 * ih) / iw.max(1))
+    } else {
+        (h as u64) * ((h as u64 * iw) / ih.max(1))
+    };
+    if cover > 64 * scale_area {
+        return Err(format!(
+            "its aspect ratio ({iw}x{ih}) is too extreme to resize to {w}x{h}"
+        ));
     }
     let (h, w) = (h as u32, w as u32);
     match c {
