@@ -213,7 +213,6 @@ fn state_name(run: &pb::Run) -> String {
     nt_proto::enum_names::run_state::name(run.state).unwrap_or_default()
 }
 
-/// The report as an aligned text table with a one-line verdict.
 /// One line on how the run's tasks loaded the user's data (image folders
 /// and arrays): how many decoded, how long, how many read the cache.
 pub fn data_summary(report: &pb::RunReport) -> Option<String> {
@@ -258,6 +257,7 @@ pub fn data_summary(report: &pb::RunReport) -> Option<String> {
     Some(format!("data: {}", parts.join("; ")))
 }
 
+/// The report as an aligned text table with a one-line verdict.
 pub fn text(run: &pb::Run) -> String {
     let rows = rows(run);
     let mut out = String::new();
