@@ -56,30 +56,6 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
-/// A data load in `--output json` (and `ntctl train`'s JSON).
-#[derive(Serialize)]
-pub struct LoadJson {
-    pub source: String,
-    pub images: usize,
-    pub skipped: Vec<String>,
-    pub seconds: f64,
-    pub cache_hit: bool,
-    pub cache_key: String,
-}
-
-impl From<&LoadReport> for LoadJson {
-    fn from(l: &LoadReport) -> Self {
-        LoadJson {
-            source: l.source.clone(),
-            images: l.images,
-            skipped: l.skipped.clone(),
-            seconds: l.seconds,
-            cache_hit: l.cache_hit,
-            cache_key: l.cache_key.clone(),
-        }
-    }
-}
-
 /// One line saying how a data set was loaded.
 pub fn describe_load(l: &LoadReport) -> String {
     let how = match (l.cache_hit, l.cache_key.is_empty()) {

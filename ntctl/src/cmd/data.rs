@@ -14,7 +14,7 @@ use nt_runtime::data::{self, DataCache, DirCache, FileSource, LoadOptions, Local
 use serde::Serialize;
 
 use super::train::DataArgs;
-use crate::output::{describe_load, print_json, LoadJson, OutputFormat};
+use crate::output::{describe_load, print_json, OutputFormat};
 
 #[derive(Args)]
 pub struct DataCmdArgs {
@@ -103,7 +103,7 @@ struct Loaded {
     test: usize,
     /// Wall time of the whole load (listing, decoding or cache, splitting).
     seconds: f64,
-    load: Option<LoadJson>,
+    load: Option<nt_runtime::data::LoadReport>,
 }
 
 fn load(args: LoadArgs, output: OutputFormat) -> Result<()> {
@@ -130,7 +130,7 @@ fn load(args: LoadArgs, output: OutputFormat) -> Result<()> {
         valid: splits.valid.as_ref().map_or(0, |v| v.len()),
         test: splits.test.len(),
         seconds: started.elapsed().as_secs_f64(),
-        load: splits.loaded.as_ref().map(LoadJson::from),
+        load: splits.loaded.clone(),
     };
     match output {
         OutputFormat::Json => print_json(&report)?,

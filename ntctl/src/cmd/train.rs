@@ -225,7 +225,7 @@ struct TrainReport<'a> {
     outcome: &'a TrainOutcome,
     /// How the user's own data was loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<crate::output::LoadJson>,
+    data: Option<nt_runtime::data::LoadReport>,
 }
 
 pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
@@ -300,7 +300,7 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
             device: format!("{device:?}"),
             test: trained.after,
             outcome: &trained.outcome,
-            data: trained.data.as_ref().map(crate::output::LoadJson::from),
+            data: trained.data.clone(),
         })?,
         OutputFormat::Text => println!(
             "test accuracy {:.2}%  loss {:.4}  ({:.0} training samples/s) -> {}",

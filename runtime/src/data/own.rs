@@ -86,8 +86,8 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
     number.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
-/// How a user's data set was loaded.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// How a user's data set was loaded (also `ntctl`'s JSON).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct LoadReport {
     /// Where the files came from.
     pub source: String,
