@@ -202,6 +202,25 @@ fn gather_vector(vs: &[&[f32]], sel: &Selection) -> Vec<f32> {
     }
 }
 
+/// Gathers rows of `row` values per channel (a depthwise filter per
+/// channel): the picked members' rows. Per-channel layers never work on a
+/// shared group (coupling refuses it), so a shared selection keeps member
+/// 0's rows only to stay total.
+fn gather_rows(ws: &[&[f32]], row: usize, sel: &Selection) -> Vec<f32> {
+    match sel {
+        Selection::Picked(picks) => picks
+            .iter()
+            .flat_map(|p| {
+                let c = p.channel as usize;
+                ws[p.member as usize][c * row..(c + 1) * row]
+                    .iter()
+                    .copied()
+            })
+            .collect(),
+        Selection::Shared(n) => ws[0][..n * row].to_vec(),
+    }
+}
+
 /// Builds every tensor of the model that keeps `selections[group]` of each
 /// group. BatchNorm layers are new layers: `num_batches_tracked` starts at 0,
 /// as in the reference.
@@ -215,15 +234,30 @@ pub fn assemble(
     for p in arch.params() {
         let node = p.node;
         let group_of_vector: GroupId = match p.role {
-            ParamRole::Bias => coupling.ports(node).map(|x| x.output),
+            ParamRole::Bias => coupling
+                .ports(node)
+                .map(|x| x.output)
+                .or_else(|| coupling.channel_group(node)),
             ParamRole::NormWeight
             | ParamRole::NormBias
             | ParamRole::RunningMean
-            | ParamRole::RunningVar => coupling.norm_group(node),
+            | ParamRole::RunningVar => coupling.channel_group(node),
             ParamRole::Weight | ParamRole::BatchesTracked => None,
         }
         .unwrap_or(0);
         let tensor = match p.role {
+            ParamRole::Weight if coupling.ports(node).is_none() => {
+                // A depthwise filter: one row of kernel values per channel.
+                let g = coupling
+                    .channel_group(node)
+                    .expect("a weight without ports is a depthwise conv");
+                let ws = member_f32(members, &p.name)?;
+                let row: usize = p.shape[1..].iter().product();
+                let data = gather_rows(&ws, row, &selections[g]);
+                let mut shape = p.shape.clone();
+                shape[0] = selections[g].len();
+                HostTensor::f32(shape, data)
+            }
             ParamRole::Weight => {
                 let ports = coupling.ports(node).expect("weights belong to layers");
                 let view = weight_view(arch, coupling, node);

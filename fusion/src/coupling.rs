@@ -43,6 +43,9 @@ pub struct Group {
     pub producers: Vec<usize>,
     /// BatchNorm layers over these channels, in spec order.
     pub norms: Vec<usize>,
+    /// Depthwise convolutions over these channels (each filters channel c
+    /// into channel c, so its input and output are this one group).
+    pub depthwise: Vec<usize>,
     /// Layers reading these channels, in spec order.
     pub consumers: Vec<Consumer>,
 }
@@ -60,8 +63,9 @@ pub struct Coupling {
     groups: Vec<Group>,
     /// Per node: the groups of a Linear or conv layer.
     ports: Vec<Option<Ports>>,
-    /// Per node: the group a BatchNorm normalises.
-    norm_group: Vec<Option<GroupId>>,
+    /// Per node: the group a BatchNorm or depthwise conv works on, channel
+    /// by channel.
+    channel_group: Vec<Option<GroupId>>,
     /// Hidden groups, output side first (see `prune_order`).
     prune_order: Vec<GroupId>,
 }
@@ -125,7 +129,8 @@ impl Coupling {
         // Per node output: (provisional group, fan).
         let mut act: Vec<(usize, usize)> = vec![(0, 1); nodes.len()];
         let mut ports_raw: Vec<Option<(usize, usize, usize)>> = vec![None; nodes.len()];
-        let mut norm_raw: Vec<Option<usize>> = vec![None; nodes.len()];
+        // Per-channel layers (BatchNorm, depthwise conv): the group they work on.
+        let mut per_channel_raw: Vec<Option<usize>> = vec![None; nodes.len()];
         let source = |act: &Vec<(usize, usize)>, s: Source| match s {
             Source::Input => (input_group, 1),
             Source::Node(j) => act[j],
@@ -134,13 +139,31 @@ impl Coupling {
             let node = &nodes[i];
             let (g_in, fan_in) = source(&act, node.inputs[0]);
             act[i] = match node.op {
+                Op::Conv2d {
+                    in_channels,
+                    out_channels,
+                    groups,
+                    ..
+                } if groups > 1 => {
+                    if groups != in_channels || groups != out_channels {
+                        return Err(FusionError::Unsupported(format!(
+                            "conv `{}` has groups={groups} with {in_channels} input and \
+                             {out_channels} output channels; NT fuses groups=1 and depthwise \
+                             convolutions (groups = in = out): pruning a grouped convolution \
+                             would have to keep its groups equal in size",
+                            node.name
+                        )));
+                    }
+                    per_channel_raw[i] = Some(g_in);
+                    (g_in, fan_in)
+                }
                 Op::Linear { .. } | Op::Conv2d { .. } => {
                     let g = uf.add();
                     ports_raw[i] = Some((g_in, fan_in, g));
                     (g, 1)
                 }
                 Op::BatchNorm { .. } => {
-                    norm_raw[i] = Some(g_in);
+                    per_channel_raw[i] = Some(g_in);
                     (g_in, fan_in)
                 }
                 Op::Flatten {} => match node.in_shape.as_slice() {
@@ -161,7 +184,16 @@ impl Coupling {
                     }
                     (g, fan_in)
                 }
+                // Element-wise ops and pooling keep each channel apart.
                 Op::Relu {}
+                | Op::Relu6 {}
+                | Op::Hardtanh { .. }
+                | Op::LeakyRelu { .. }
+                | Op::Gelu { .. }
+                | Op::Silu {}
+                | Op::Hardswish {}
+                | Op::Sigmoid {}
+                | Op::Tanh {}
                 | Op::Dropout { .. }
                 | Op::MaxPool2d { .. }
                 | Op::AvgPool2d { .. }
@@ -194,6 +226,7 @@ impl Coupling {
                     width,
                     producers: Vec::new(),
                     norms: Vec::new(),
+                    depthwise: Vec::new(),
                     consumers: Vec::new(),
                 });
                 groups.len() - 1
@@ -203,7 +236,7 @@ impl Coupling {
         id_of(&mut uf, input_group, input_width, &mut groups);
 
         let mut ports = vec![None; nodes.len()];
-        let mut norm_group = vec![None; nodes.len()];
+        let mut channel_group = vec![None; nodes.len()];
         for (i, node) in nodes.iter().enumerate() {
             if let Some((g_in, fan, g_out)) = ports_raw[i] {
                 let (in_width, out_width) = match node.op {
@@ -229,12 +262,17 @@ impl Coupling {
                     output,
                 });
             }
-            if let Some(g) = norm_raw[i] {
+            if let Some(g) = per_channel_raw[i] {
                 let width = node.in_shape[0];
                 let id = id_of(&mut uf, g, width, &mut groups);
+                let what = if matches!(node.op, Op::BatchNorm { .. }) {
+                    "batch norm"
+                } else {
+                    "depthwise conv"
+                };
                 if groups[id].kind != GroupKind::Hidden {
                     return Err(FusionError::Unsupported(format!(
-                        "batch norm `{}` normalises the model {}, which all members share; \
+                        "{what} `{}` works on the model {}, which all members share; \
                          concatenation cannot keep one copy per member",
                         node.name,
                         if groups[id].kind == GroupKind::Input {
@@ -244,22 +282,33 @@ impl Coupling {
                         }
                     )));
                 }
-                groups[id].norms.push(i);
-                norm_group[i] = Some(id);
+                if matches!(node.op, Op::BatchNorm { .. }) {
+                    groups[id].norms.push(i);
+                } else {
+                    groups[id].depthwise.push(i);
+                }
+                channel_group[i] = Some(id);
             }
         }
         let mut prune_order = Vec::new();
         for n in discovery_order(arch) {
-            if let Some(p) = ports[n] {
-                if groups[p.output].kind == GroupKind::Hidden && !prune_order.contains(&p.output) {
-                    prune_order.push(p.output);
+            // The reference roots a group at any conv or Linear, a depthwise
+            // conv included.
+            let written = match (ports[n], &nodes[n].op) {
+                (Some(p), _) => Some(p.output),
+                (None, Op::Conv2d { .. }) => channel_group[n],
+                _ => None,
+            };
+            if let Some(g) = written {
+                if groups[g].kind == GroupKind::Hidden && !prune_order.contains(&g) {
+                    prune_order.push(g);
                 }
             }
         }
         Ok(Coupling {
             groups,
             ports,
-            norm_group,
+            channel_group,
             prune_order,
         })
     }
@@ -277,9 +326,9 @@ impl Coupling {
         self.ports[node]
     }
 
-    /// The group a BatchNorm node normalises.
-    pub fn norm_group(&self, node: usize) -> Option<GroupId> {
-        self.norm_group[node]
+    /// The group a BatchNorm or depthwise conv node works on.
+    pub fn channel_group(&self, node: usize) -> Option<GroupId> {
+        self.channel_group[node]
     }
 
     /// Hidden groups in pruning order: from the output side toward the input,
@@ -321,15 +370,18 @@ impl Coupling {
                 Op::Conv2d {
                     in_channels,
                     out_channels,
+                    groups,
                     ..
                 } => {
                     if let Some(p) = self.ports[i] {
                         *in_channels = widths[p.input];
                         *out_channels = widths[p.output];
+                    } else if let Some(g) = self.channel_group[i] {
+                        (*in_channels, *out_channels, *groups) = (widths[g], widths[g], widths[g]);
                     }
                 }
                 Op::BatchNorm { features, .. } => {
-                    if let Some(g) = self.norm_group[i] {
+                    if let Some(g) = self.channel_group[i] {
                         *features = widths[g];
                     }
                 }

@@ -66,6 +66,15 @@ fn check_supported(arch: &Architecture, coupling: &Coupling) -> Result<()> {
                 node.name
             )));
         }
+        if let Op::Conv2d { groups, .. } = node.op {
+            if groups > 1 {
+                return Err(FusionError::Unsupported(format!(
+                    "OT fusion does not support grouped or depthwise convolutions (layer `{}`, \
+                     groups={groups}): the reference aligns dense layers only",
+                    node.name
+                )));
+            }
+        }
     }
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! Importance of channel c of a group is the sum of squared weights that
 //! belong to c in every coupled layer of the concatenated model: the writing
 //! layers' output slices, the BatchNorm gammas, and the reading layers' input
-//! slices (scaled by 1/K where they write the shared output). Groups are
+//! slices (scaled by 1/K where they write the shared output). A depthwise
+//! convolution's filters do not count: the reference (torch-pruning 1.3.7's
+//! magnitude importance) scores only ordinary conv and Linear slices and
+//! BatchNorm gammas, and it prunes a depthwise filter with its channel. Groups are
 //! pruned from the output side toward the input, each on the weights as
 //! already pruned by the groups after it. Because the concatenated model is
 //! block-diagonal, every importance is a sum over one member's weights: it is

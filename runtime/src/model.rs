@@ -106,8 +106,9 @@ impl Network {
                 Op::Conv2d {
                     in_channels,
                     kernel,
+                    groups,
                     ..
-                } => in_channels * kernel * kernel,
+                } => in_channels / groups.max(1) * kernel * kernel,
                 _ => 1,
             };
             let bound = 1.0 / (fan_in as f64).sqrt();
@@ -240,7 +241,10 @@ impl Network {
                     self.slot(i, ParamRole::Bias),
                 )?,
                 Op::Conv2d {
-                    stride, padding, ..
+                    stride,
+                    padding,
+                    groups,
+                    ..
                 } => {
                     let (s, p) = (stride as i64, padding as i64);
                     low(&a)?.f_conv2d(
@@ -249,7 +253,7 @@ impl Network {
                         [s, s],
                         [p, p],
                         [1, 1],
-                        1,
+                        groups as i64,
                     )?
                 }
                 Op::BatchNorm { eps, momentum, .. } => {
@@ -274,6 +278,20 @@ impl Network {
                     y
                 }
                 Op::Relu {} => a.f_relu()?,
+                // tch binds hardtanh and leaky_relu without their scalars:
+                // clamp gives the same values (its gradient also passes at
+                // exactly min and max), `where` the same values and gradients.
+                Op::Relu6 {} => a.f_clamp(0.0, 6.0)?,
+                Op::Hardtanh { min, max } => a.f_clamp(min, max)?,
+                Op::LeakyRelu { slope } => {
+                    let negative = a.f_mul_scalar(slope)?;
+                    a.f_where_self(&a.f_gt(0.0)?, &negative)?
+                }
+                Op::Gelu { approximate } => a.f_gelu(approximate.as_str())?,
+                Op::Silu {} => a.f_silu()?,
+                Op::Hardswish {} => a.f_hardswish()?,
+                Op::Sigmoid {} => a.f_sigmoid()?,
+                Op::Tanh {} => a.f_tanh()?,
                 Op::Dropout { p } => a.f_dropout(p, train)?,
                 Op::MaxPool2d {
                     kernel,
@@ -300,8 +318,8 @@ impl Network {
                     a.f_avg_pool2d([k, k], [s, s], [p, p], false, true, None::<i64>)?
                 }
                 Op::AdaptiveAvgPool2d { output } => {
-                    let o = output as i64;
-                    a.f_adaptive_avg_pool2d([o, o])?
+                    let [h, w] = output.hw();
+                    a.f_adaptive_avg_pool2d([h as i64, w as i64])?
                 }
                 Op::Flatten {} => a.f_flatten(1, -1)?,
                 Op::Add {} => {

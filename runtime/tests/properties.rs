@@ -68,6 +68,37 @@ enum Shape {
         channels: usize,
         size: usize,
     },
+    /// MobileNetV2-like: expansion, depthwise conv, projection, a residual,
+    /// an adaptive pool to any size, a BatchNorm1d between Linear layers,
+    /// and one of the element-wise activations.
+    Inverted {
+        channels: usize,
+        size: usize,
+        expand: usize,
+        width: usize,
+        pool: usize,
+        activation: usize,
+    },
+}
+
+/// The element-wise activations, indexed by a drawn number.
+fn activation(i: usize) -> Op {
+    use fusion::arch::GeluApproximation;
+    match i % 8 {
+        0 => Op::Relu6 {},
+        1 => Op::Hardtanh {
+            min: -0.5,
+            max: 2.0,
+        },
+        2 => Op::LeakyRelu { slope: 0.1 },
+        3 => Op::Gelu {
+            approximate: GeluApproximation::Tanh,
+        },
+        4 => Op::Silu {},
+        5 => Op::Hardswish {},
+        6 => Op::Sigmoid {},
+        _ => Op::Tanh {},
+    }
 }
 
 fn spec(shape: &Shape) -> ArchSpec {
@@ -118,6 +149,54 @@ fn spec(shape: &Shape) -> ArchSpec {
             channels,
             size,
         } => resnet_spec("resnet", &blocks, width, channels, 4, size, false),
+        Shape::Inverted {
+            channels,
+            size,
+            expand,
+            width,
+            pool,
+            activation: a,
+        } => {
+            let hidden = width * expand;
+            let mut b = SpecBuilder::new("inverted", vec![channels, size, size]);
+            b.conv("stem", &[], channels, width, 3, 1, 1, false)
+                .batch_norm("stem_bn", width)
+                .node(Some("stem_act"), &[], activation(a))
+                .conv("expand", &[], width, hidden, 1, 1, 0, false)
+                .batch_norm("expand_bn", hidden)
+                .node(None, &[], activation(a + 1))
+                .node(
+                    Some("dw"),
+                    &[],
+                    Op::Conv2d {
+                        in_channels: hidden,
+                        out_channels: hidden,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 1,
+                        bias: a % 2 == 0,
+                        groups: hidden,
+                    },
+                )
+                .batch_norm("dw_bn", hidden)
+                .node(None, &[], activation(a + 2))
+                .conv("project", &[], hidden, width, 1, 1, 0, false)
+                .batch_norm("project_bn", width)
+                .node(Some("add"), &["stem_act", "project_bn"], Op::Add {})
+                .node(
+                    None,
+                    &[],
+                    Op::AdaptiveAvgPool2d {
+                        output: fusion::arch::PoolSize::Rect([pool, pool + 1]),
+                    },
+                )
+                .flatten()
+                .linear("fc1", width * pool * (pool + 1), 6, true)
+                .batch_norm("fc1_bn", 6)
+                .node(None, &[], activation(a + 3))
+                .linear("fc2", 6, 3, true);
+            b.build()
+        }
     }
 }
 
@@ -165,6 +244,24 @@ fn shapes() -> impl Strategy<Value = Shape> {
                 width,
                 channels,
                 size
+            }),
+        (
+            1usize..4,
+            3usize..7,
+            1usize..4,
+            1usize..5,
+            1usize..5,
+            0usize..8
+        )
+            .prop_map(|(channels, size, expand, width, pool, activation)| {
+                Shape::Inverted {
+                    channels,
+                    size,
+                    expand,
+                    width,
+                    pool,
+                    activation,
+                }
             }),
     ]
 }
@@ -239,6 +336,23 @@ proptest! {
                         }
                     }
                 }
+            }
+        }
+
+        // A depthwise filter moves with its channel.
+        for (node_index, node) in arch.nodes().iter().enumerate() {
+            let (Op::Conv2d { groups, .. }, Some(g)) = (&node.op, coupling.channel_group(node_index)) else {
+                continue;
+            };
+            prop_assert!(*groups > 1);
+            let Selection::Picked(picks) = &selections[g] else { continue };
+            let name = format!("{}.weight", node.name);
+            let fused_w = fused.state.get(&name).unwrap().as_f32().unwrap();
+            let row = fused_w.len() / picks.len();
+            for (i, pick) in picks.iter().enumerate() {
+                let src = members[pick.member as usize].get(&name).unwrap().as_f32().unwrap();
+                let c = pick.channel as usize;
+                prop_assert_eq!(&fused_w[i * row..(i + 1) * row], &src[c * row..(c + 1) * row]);
             }
         }
 

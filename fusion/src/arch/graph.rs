@@ -235,11 +235,12 @@ impl Architecture {
                     out_channels,
                     kernel,
                     bias,
+                    groups,
                     ..
                 } => {
                     push(
                         ParamRole::Weight,
-                        vec![out_channels, in_channels, kernel, kernel],
+                        vec![out_channels, in_channels / groups.max(1), kernel, kernel],
                         DType::F32,
                     );
                     if bias {
@@ -273,6 +274,9 @@ impl Architecture {
 /// The most elements one tensor (an output or a parameter) may have: far past
 /// any service limit, small enough that byte counts of it never overflow.
 pub const MAX_TENSOR_ELEMENTS: usize = 1 << 48;
+
+/// The largest side an adaptive pool may produce.
+const MAX_POOL_OUTPUT: usize = 1 << 16;
 
 /// Elements of a shape, when at most [`MAX_TENSOR_ELEMENTS`].
 fn numel(shape: &[usize]) -> Option<usize> {
@@ -493,11 +497,17 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
             kernel,
             stride,
             padding,
+            groups,
             ..
         } => {
             let (c, h, w) = spatial("conv2d")?;
             if out_channels == 0 {
                 return Err("`out` must be at least 1".into());
+            }
+            if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+                return Err(format!(
+                    "groups {groups} must be at least 1 and divide `in` {in_channels} and `out` {out_channels}"
+                ));
             }
             if c != in_channels {
                 return Err(format!(
@@ -527,7 +537,27 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
             }
             Ok(x.clone())
         }
-        Op::Relu {} => Ok(x.clone()),
+        Op::Relu {}
+        | Op::Relu6 {}
+        | Op::Gelu { .. }
+        | Op::Silu {}
+        | Op::Hardswish {}
+        | Op::Sigmoid {}
+        | Op::Tanh {} => Ok(x.clone()),
+        Op::Hardtanh { min, max } => {
+            if !(min.is_finite() && max.is_finite() && min < max) {
+                return Err(format!(
+                    "min must be below max, both finite, got {min} and {max}"
+                ));
+            }
+            Ok(x.clone())
+        }
+        Op::LeakyRelu { slope } => {
+            if !slope.is_finite() {
+                return Err(format!("slope must be finite, got {slope}"));
+            }
+            Ok(x.clone())
+        }
         Op::Dropout { p } => {
             if !(0.0..1.0).contains(&p) {
                 return Err(format!("p must be in [0, 1), got {p}"));
@@ -558,11 +588,16 @@ fn infer_shape(op: &Op, inputs: &[&Vec<usize>]) -> Result<Vec<usize>, String> {
             ])
         }
         Op::AdaptiveAvgPool2d { output } => {
-            let (c, h, w) = spatial("adaptive_avg_pool2d")?;
-            if output == 0 || output > h || output > w {
-                return Err(format!("output size {output} does not fit input {x:?}"));
+            let (c, _, _) = spatial("adaptive_avg_pool2d")?;
+            let [oh, ow] = output.hw();
+            // Larger than the input is allowed (windows overlap, as in
+            // PyTorch); the bound only keeps outputs countable.
+            if oh == 0 || ow == 0 || oh > MAX_POOL_OUTPUT || ow > MAX_POOL_OUTPUT {
+                return Err(format!(
+                    "output size {oh}x{ow} must be between 1 and {MAX_POOL_OUTPUT} on each side"
+                ));
             }
-            Ok(vec![c, output, output])
+            Ok(vec![c, oh, ow])
         }
         Op::Flatten {} => Ok(vec![
             numel(x).ok_or_else(|| format!("{x:?} has too many elements"))?

@@ -3,10 +3,12 @@
 mod graph;
 pub mod presets;
 mod spec;
+mod torchvision;
 
 pub use graph::{Architecture, Node, ParamRole, ParamSpec, Source};
 pub use presets::{preset, SpecBuilder, PRESETS};
-pub use spec::{ArchSpec, NodeSpec, Op, FORMAT};
+pub use spec::{ArchSpec, GeluApproximation, NodeSpec, Op, PoolSize, FORMAT};
+pub use torchvision::{bottleneck_resnet_spec, mobilenet_v2_spec, torchvision_vgg_spec};
 
 use crate::{FusionError, Result};
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::spec::{ArchSpec, NodeSpec, Op, FORMAT};
+use super::torchvision;
 use crate::{FusionError, Result};
 
 /// Preset names with a one-line description and their options.
@@ -23,19 +24,31 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
     (
         "vgg11",
-        "VGG11 for 32x32 inputs, features.*/classifier (channels=3, classes=10, width=64, bias=false)",
+        "VGG11 for 32x32 inputs, features.*/classifier (channels=3, classes=10, width=64, bias=false); \
+         layout=torchvision: torchvision's (size=32, width=64, hidden=4096, dropout=0.5)",
     ),
     (
         "vgg11-bn",
-        "VGG11 with BatchNorm after every conv (channels=3, classes=10, width=64, bias=false)",
+        "VGG11 with BatchNorm after every conv (options of vgg11)",
     ),
+    (
+        "vgg16",
+        "VGG16, torchvision's layout: 7x7 adaptive pool, 4096-4096 classifier (channels=3, classes=10, size=32, width=64, hidden=4096, dropout=0.5)",
+    ),
+    ("vgg16-bn", "VGG16 with BatchNorm after every conv (options of vgg16)"),
     (
         "resnet18",
         "ResNet18, torchvision names (channels=3, classes=10, size=32, width=64, stem=cifar|imagenet)",
     ),
+    ("resnet34", "ResNet34 of BasicBlocks (options of resnet18)"),
+    ("resnet50", "ResNet50 of Bottleneck blocks (options of resnet18)"),
     (
         "resnet",
-        "ResNet of BasicBlocks, torchvision names (blocks=2-2-2-2, width=64, channels=3, classes=10, size=32, stem=cifar|imagenet)",
+        "ResNet, torchvision names (block=basic|bottleneck, blocks=2-2-2-2, width=64, channels=3, classes=10, size=32, stem=cifar|imagenet)",
+    ),
+    (
+        "mobilenet_v2",
+        "MobileNetV2, torchvision names: depthwise convs, ReLU6, inverted residuals (channels=3, classes=10, size=32, width_mult=1.0, dropout=0.2)",
     ),
 ];
 
@@ -50,10 +63,29 @@ pub fn preset(text: &str) -> Result<ArchSpec> {
         "mlp" => mlp(&mut opts)?,
         "lenet" => lenet_mnist(&mut opts)?,
         "lenet-cifar" => lenet_cifar(&mut opts)?,
-        "vgg11" => vgg11(&mut opts, false)?,
-        "vgg11-bn" => vgg11(&mut opts, true)?,
+        "vgg11" | "vgg11-bn" => {
+            let bn = name == "vgg11-bn";
+            if opts.choice("layout", &["cifar", "torchvision"])? == "torchvision" {
+                torchvision::vgg(&mut opts, name, 11, bn)?
+            } else {
+                vgg11(&mut opts, bn)?
+            }
+        }
+        "vgg16" => torchvision::vgg(&mut opts, name, 16, false)?,
+        "vgg16-bn" => torchvision::vgg(&mut opts, name, 16, true)?,
         "resnet18" => resnet(&mut opts, "resnet18", Some(vec![2, 2, 2, 2]))?,
-        "resnet" => resnet(&mut opts, "resnet", None)?,
+        "resnet34" => resnet(&mut opts, "resnet34", Some(vec![3, 4, 6, 3]))?,
+        "resnet50" => torchvision::bottleneck_resnet(&mut opts, "resnet50", vec![3, 4, 6, 3])?,
+        "resnet" => {
+            if opts.choice("block", &["basic", "bottleneck"])? == "bottleneck" {
+                let blocks = opts.list("blocks", '-', vec![3, 4, 6, 3])?;
+                check_block_count("resnet", &blocks)?;
+                torchvision::bottleneck_resnet(&mut opts, "resnet", blocks)?
+            } else {
+                resnet(&mut opts, "resnet", None)?
+            }
+        }
+        "mobilenet_v2" => torchvision::mobilenet_v2(&mut opts)?,
         _ => {
             return Err(FusionError::UnknownPreset {
                 name: crate::bounded(name.to_string()),
@@ -78,7 +110,7 @@ pub const MAX_LAYERS: usize = 1024;
 pub const MAX_STAGES: usize = 8;
 
 /// `key=value` options of a preset; every option must be used.
-struct Options {
+pub(super) struct Options {
     preset: String,
     values: BTreeMap<String, String>,
 }
@@ -107,7 +139,7 @@ impl Options {
         ))
     }
 
-    fn usize(&mut self, key: &str, default: usize) -> Result<usize> {
+    pub(super) fn usize(&mut self, key: &str, default: usize) -> Result<usize> {
         match self.values.remove(key) {
             None => Ok(default),
             Some(v) => match v.parse::<usize>() {
@@ -118,7 +150,7 @@ impl Options {
     }
 
     /// A number of layers, at most [`MAX_LAYERS`].
-    fn layers(&mut self, key: &str, default: usize) -> Result<usize> {
+    pub(super) fn layers(&mut self, key: &str, default: usize) -> Result<usize> {
         let n = self.usize(key, default)?;
         if n > MAX_LAYERS {
             return Err(self.bad(key, &n.to_string(), &format!("at most {MAX_LAYERS} layers")));
@@ -126,7 +158,7 @@ impl Options {
         Ok(n)
     }
 
-    fn bool(&mut self, key: &str, default: bool) -> Result<bool> {
+    pub(super) fn bool(&mut self, key: &str, default: bool) -> Result<bool> {
         match self.values.remove(key) {
             None => Ok(default),
             Some(v) => match v.as_str() {
@@ -138,7 +170,7 @@ impl Options {
     }
 
     /// A list such as `2-2-2-2` or a shape such as `1x28x28`.
-    fn list(&mut self, key: &str, sep: char, default: Vec<usize>) -> Result<Vec<usize>> {
+    pub(super) fn list(&mut self, key: &str, sep: char, default: Vec<usize>) -> Result<Vec<usize>> {
         match self.values.remove(key) {
             None => Ok(default),
             Some(v) => {
@@ -164,11 +196,33 @@ impl Options {
         }
     }
 
-    fn choice(&mut self, key: &str, choices: &[&str]) -> Result<String> {
+    pub(super) fn choice(&mut self, key: &str, choices: &[&str]) -> Result<String> {
         match self.values.remove(key) {
             None => Ok(choices[0].to_string()),
             Some(v) if choices.contains(&v.as_str()) => Ok(v),
             Some(v) => Err(self.bad(key, &v, &format!("one of {}", choices.join(", ")))),
+        }
+    }
+
+    /// A number in (0, `max`].
+    pub(super) fn positive(&mut self, key: &str, default: f64, max: f64) -> Result<f64> {
+        match self.values.remove(key) {
+            None => Ok(default),
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if x > 0.0 && x <= max => Ok(x),
+                _ => Err(self.bad(key, &v, &format!("a number above 0 and at most {max}"))),
+            },
+        }
+    }
+
+    /// A probability in [0, 1).
+    pub(super) fn fraction(&mut self, key: &str, default: f64) -> Result<f64> {
+        match self.values.remove(key) {
+            None => Ok(default),
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if (0.0..1.0).contains(&x) => Ok(x),
+                _ => Err(self.bad(key, &v, "a number in [0, 1)")),
+            },
         }
     }
 
@@ -243,6 +297,7 @@ impl SpecBuilder {
                 stride,
                 padding,
                 bias,
+                groups: 1,
             },
         )
     }
@@ -400,16 +455,21 @@ fn vgg11(o: &mut Options, batch_norm: bool) -> Result<ArchSpec> {
     Ok(b.build())
 }
 
-fn resnet(o: &mut Options, name: &str, fixed_blocks: Option<Vec<usize>>) -> Result<ArchSpec> {
-    let blocks = match fixed_blocks {
-        Some(b) => b,
-        None => o.list("blocks", '-', vec![2, 2, 2, 2])?,
-    };
+fn check_block_count(name: &str, blocks: &[usize]) -> Result<()> {
     if blocks.iter().sum::<usize>() > MAX_LAYERS {
         return Err(FusionError::spec(format!(
             "preset `{name}`: option blocks has more than {MAX_LAYERS} blocks in all"
         )));
     }
+    Ok(())
+}
+
+fn resnet(o: &mut Options, name: &str, fixed_blocks: Option<Vec<usize>>) -> Result<ArchSpec> {
+    let blocks = match fixed_blocks {
+        Some(b) => b,
+        None => o.list("blocks", '-', vec![2, 2, 2, 2])?,
+    };
+    check_block_count(name, &blocks)?;
     let width = o.usize("width", 64)?;
     let channels = o.usize("channels", 3)?;
     let classes = o.usize("classes", 10)?;
@@ -439,25 +499,7 @@ pub fn resnet_spec(
     imagenet_stem: bool,
 ) -> ArchSpec {
     let mut b = SpecBuilder::new(name, vec![channels, size, size]);
-    if imagenet_stem {
-        b.conv("conv1", &[], channels, width, 7, 2, 3, false);
-    } else {
-        b.conv("conv1", &[], channels, width, 3, 1, 1, false);
-    }
-    b.batch_norm("bn1", width).relu(Some("relu"));
-    let mut last = "relu".to_string();
-    if imagenet_stem {
-        b.node(
-            Some("maxpool"),
-            &[],
-            Op::MaxPool2d {
-                kernel: 3,
-                stride: Some(2),
-                padding: 1,
-            },
-        );
-        last = "maxpool".to_string();
-    }
+    let mut last = torchvision::stem(&mut b, channels, width, imagenet_stem);
     let mut c_in = width;
     for (stage, &count) in blocks.iter().enumerate() {
         let c_out = width << stage;
@@ -504,9 +546,7 @@ pub fn resnet_spec(
             c_in = c_out;
         }
     }
-    b.node(Some("avgpool"), &[], Op::AdaptiveAvgPool2d { output: 1 })
-        .flatten()
-        .linear("fc", c_in, classes, true);
+    torchvision::resnet_head(&mut b, c_in, classes);
     b.build()
 }
 

@@ -48,6 +48,61 @@ fn default_eps() -> f64 {
 fn default_momentum() -> f64 {
     0.1
 }
+fn default_minus_one() -> f64 {
+    -1.0
+}
+fn default_one_f() -> f64 {
+    1.0
+}
+fn default_slope() -> f64 {
+    0.01
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+/// `nn.GELU`'s `approximate` argument.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GeluApproximation {
+    #[default]
+    None,
+    Tanh,
+}
+
+impl GeluApproximation {
+    /// The string libtorch and PyTorch take.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GeluApproximation::None => "none",
+            GeluApproximation::Tanh => "tanh",
+        }
+    }
+}
+
+/// An adaptive pool's output size: `n` (square) or `[height, width]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PoolSize {
+    Square(usize),
+    Rect([usize; 2]),
+}
+
+impl Default for PoolSize {
+    fn default() -> Self {
+        PoolSize::Square(1)
+    }
+}
+
+impl PoolSize {
+    /// `[height, width]`.
+    pub fn hw(self) -> [usize; 2] {
+        match self {
+            PoolSize::Square(n) => [n, n],
+            PoolSize::Rect(hw) => hw,
+        }
+    }
+}
 
 /// The operations a spec can use. Layers with parameters follow PyTorch's
 /// parameter names and shapes (`weight`, `bias`, `running_mean`, ...).
@@ -76,6 +131,10 @@ pub enum Op {
         padding: usize,
         #[serde(default = "default_true")]
         bias: bool,
+        /// `groups=in=out` is a depthwise convolution; other values split the
+        /// channels into that many independent blocks.
+        #[serde(default = "default_one", skip_serializing_if = "is_one")]
+        groups: usize,
     },
     /// `nn.BatchNorm1d` or `nn.BatchNorm2d` (chosen by the input's rank).
     BatchNorm {
@@ -86,6 +145,29 @@ pub enum Op {
         momentum: f64,
     },
     Relu {},
+    /// `nn.ReLU6`: min(max(x, 0), 6).
+    Relu6 {},
+    /// `nn.Hardtanh(min, max)`.
+    Hardtanh {
+        #[serde(default = "default_minus_one")]
+        min: f64,
+        #[serde(default = "default_one_f")]
+        max: f64,
+    },
+    /// `nn.LeakyReLU(slope)`.
+    LeakyRelu {
+        #[serde(default = "default_slope")]
+        slope: f64,
+    },
+    /// `nn.GELU(approximate)`.
+    Gelu {
+        #[serde(default)]
+        approximate: GeluApproximation,
+    },
+    Silu {},
+    Hardswish {},
+    Sigmoid {},
+    Tanh {},
     MaxPool2d {
         kernel: usize,
         /// Defaults to `kernel`, as in PyTorch.
@@ -101,10 +183,10 @@ pub enum Op {
         #[serde(default)]
         padding: usize,
     },
-    /// `nn.AdaptiveAvgPool2d((output, output))`.
+    /// `nn.AdaptiveAvgPool2d(output)`: any size, larger than the input too.
     AdaptiveAvgPool2d {
-        #[serde(default = "default_one")]
-        output: usize,
+        #[serde(default)]
+        output: PoolSize,
     },
     /// Flattens `[C, H, W]` to `[C*H*W]` (channel-major, as `torch.flatten(x, 1)`).
     Flatten {},
@@ -124,6 +206,14 @@ impl Op {
             Op::Conv2d { .. } => "conv2d",
             Op::BatchNorm { .. } => "batch_norm",
             Op::Relu {} => "relu",
+            Op::Relu6 {} => "relu6",
+            Op::Hardtanh { .. } => "hardtanh",
+            Op::LeakyRelu { .. } => "leaky_relu",
+            Op::Gelu { .. } => "gelu",
+            Op::Silu {} => "silu",
+            Op::Hardswish {} => "hardswish",
+            Op::Sigmoid {} => "sigmoid",
+            Op::Tanh {} => "tanh",
             Op::MaxPool2d { .. } => "max_pool2d",
             Op::AvgPool2d { .. } => "avg_pool2d",
             Op::AdaptiveAvgPool2d { .. } => "adaptive_avg_pool2d",
@@ -131,6 +221,24 @@ impl Op {
             Op::Add {} => "add",
             Op::Dropout { .. } => "dropout",
         }
+    }
+
+    /// Whether the op applies a function to each value on its own (so it
+    /// keeps shapes and passes neuron groups through).
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Relu {}
+                | Op::Relu6 {}
+                | Op::Hardtanh { .. }
+                | Op::LeakyRelu { .. }
+                | Op::Gelu { .. }
+                | Op::Silu {}
+                | Op::Hardswish {}
+                | Op::Sigmoid {}
+                | Op::Tanh {}
+                | Op::Dropout { .. }
+        )
     }
 
     /// Whether the op owns parameters (and so needs a name).
