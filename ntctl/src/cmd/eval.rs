@@ -12,9 +12,9 @@ use nt_runtime::job::{
     load_model, run_evaluation, ArchOf, EvalJob, LocalFiles, ModelRef, Normalize, Quiet,
 };
 use nt_runtime::model::Network;
-use tch::{Kind, Tensor};
 use nt_runtime::train::Evaluation;
 use nt_spec::EvalItem;
+use tch::{Kind, Tensor};
 
 use super::train::{key, DataArgs, EVAL_BATCH};
 use crate::output::{print_json, OutputFormat};
@@ -52,7 +52,10 @@ struct LogitsReport {
 /// `--inputs X --logits Y`: one model's logits on given inputs.
 fn write_logits(args: &EvalArgs, inputs: &Path, out: &Path, output: OutputFormat) -> Result<()> {
     let [model] = args.models.as_slice() else {
-        bail!("--inputs takes exactly one model, got {}", args.models.len());
+        bail!(
+            "--inputs takes exactly one model, got {}",
+            args.models.len()
+        );
     };
     let arch = match &args.arch {
         Some(a) => ArchOf::Given(fusion::arch::resolve(a)?),
@@ -89,11 +92,16 @@ fn write_logits(args: &EvalArgs, inputs: &Path, out: &Path, output: OutputFormat
     let mut parts = Vec::new();
     for start in (0..n).step_by(EVAL_BATCH) {
         let len = EVAL_BATCH.min(n - start);
-        let batch = x.f_narrow(0, start as i64, len as i64)?.f_to_device(device)?;
+        let batch = x
+            .f_narrow(0, start as i64, len as i64)?
+            .f_to_device(device)?;
         parts.push(net.predict(&batch)?.f_to_device(tch::Device::Cpu)?);
     }
     let logits = if parts.is_empty() {
-        Tensor::f_zeros([0, arch.output_shape()[0] as i64], (Kind::Float, tch::Device::Cpu))?
+        Tensor::f_zeros(
+            [0, arch.output_shape()[0] as i64],
+            (Kind::Float, tch::Device::Cpu),
+        )?
     } else {
         Tensor::f_cat(&parts, 0)?
     };
