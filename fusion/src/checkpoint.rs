@@ -2,6 +2,11 @@
 //! trained in PyTorch can be fused and fused models load back into PyTorch.
 //! The architecture spec and the lineage travel in the safetensors metadata.
 //!
+//! Float tensors are stored in f32, bf16 or f16 and always read into f32
+//! ([`Precision`]; [`read`] says which it was); [`save_with`] rounds them
+//! back and shards large checkpoints in the Hugging Face layout
+//! ([`ShardIndex`]).
+//!
 //! Loading never panics on bad input: a truncated or corrupt file, a tensor of
 //! the wrong dtype or shape, a missing or unexpected name are errors that name
 //! the file and the tensor.
@@ -16,6 +21,15 @@ use serde::{Deserialize, Serialize};
 use crate::arch::{ArchSpec, Architecture};
 use crate::state::{Backing, DType, HostTensor, StateDict};
 use crate::{FusionError, Result};
+
+mod precision;
+mod sharded;
+
+pub use precision::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Precision};
+pub use sharded::{
+    is_index, save_with, shard_key, SaveOptions, Saved, ShardIndex, DEFAULT_MAX_SHARD_BYTES,
+    INDEX_FILE, MAX_INDEX_BYTES, MAX_SHARDS, SINGLE_FILE,
+};
 
 /// Metadata key holding the architecture spec as JSON.
 pub const META_ARCH: &str = "nt.arch";
@@ -96,22 +110,148 @@ impl StateDict {
     }
 }
 
-/// Loads a checkpoint file. Float tensors borrow from a memory map of the
-/// file when aligned, so loading copies nothing.
+/// A checkpoint as read: its float tensors in f32 (integer buffers in i64),
+/// whatever precision they were stored in, and that precision.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub state: StateDict,
+    /// How the float tensors were stored (`F32` when there are none).
+    pub precision: Precision,
+}
+
+/// Reads a checkpoint: a safetensors file, the index of a sharded one
+/// (`*.safetensors.index.json`, its shards next to it), or a folder holding
+/// `model.safetensors.index.json` or `model.safetensors`. Float tensors
+/// stored in bf16 or f16 are widened to f32 (exactly); f32 tensors borrow
+/// from a memory map of their file when aligned, so loading copies nothing.
+pub fn read(path: &Path) -> Result<Loaded> {
+    let path = sharded::resolve_folder(path)?;
+    let name = path.display().to_string();
+    if !sharded::is_index(&name) {
+        return parse(&name, map_file(&path)?).map(Parsed::into_loaded);
+    }
+    let index = ShardIndex::parse(&name, &sharded::read_index_file(&path)?)?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let shards = index
+        .shards()
+        .iter()
+        .map(|shard| {
+            let file = dir.join(shard);
+            match map_file(&file) {
+                Ok(map) => Ok((file.display().to_string(), map)),
+                Err(FusionError::Io { source, .. }) => Err(FusionError::checkpoint(
+                    &name,
+                    format!(
+                        "shard `{shard}` listed in the index cannot be read ({}): {source}",
+                        file.display()
+                    ),
+                )),
+                Err(e) => Err(e),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    index.assemble(shards)
+}
+
+/// Loads a checkpoint as [`read`] does, without saying its precision.
 pub fn load(path: &Path) -> Result<StateDict> {
+    read(path).map(|loaded| loaded.state)
+}
+
+fn map_file(path: &Path) -> Result<Backing> {
     let file = std::fs::File::open(path).map_err(|e| FusionError::io(path, e))?;
     // SAFETY: the map is read-only; like every safetensors reader we assume
     // the file is not truncated underneath us while it is in use.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FusionError::io(path, e))?;
-    parse(&path.display().to_string(), Arc::new(map))
+    Ok(Arc::new(map))
 }
 
-/// Loads a checkpoint held in memory (for example, downloaded from object storage).
+/// Reads a single-file checkpoint held in memory (for example, downloaded
+/// from object storage); a sharded one is read with [`ShardIndex`].
+pub fn read_bytes(source_name: &str, bytes: Vec<u8>) -> Result<Loaded> {
+    parse(source_name, Arc::new(bytes)).map(Parsed::into_loaded)
+}
+
+/// Loads a checkpoint held in memory, as [`read_bytes`] does, without
+/// saying its precision.
 pub fn load_bytes(source_name: &str, bytes: Vec<u8>) -> Result<StateDict> {
-    parse(source_name, Arc::new(bytes))
+    read_bytes(source_name, bytes).map(|loaded| loaded.state)
 }
 
-fn parse(source_name: &str, backing: Backing) -> Result<StateDict> {
+/// The one precision the members of a fusion share; when they differ, an
+/// error naming each member and its precision.
+pub fn common_precision<S: AsRef<str>>(members: &[(S, Precision)]) -> Result<Precision> {
+    let Some(&(_, first)) = members.first() else {
+        return Ok(Precision::F32);
+    };
+    if members.iter().all(|&(_, p)| p == first) {
+        return Ok(first);
+    }
+    let each: Vec<String> = members
+        .iter()
+        .map(|(name, p)| format!("{} is {p}", name.as_ref()))
+        .collect();
+    Err(FusionError::Members(crate::bounded(format!(
+        "members disagree on dtype: {}; convert them to one dtype first",
+        each.join(", ")
+    ))))
+}
+
+/// One file's tensors, and the precision of its float tensors with the
+/// name of the first one (none without float tensors).
+pub(crate) struct Parsed {
+    pub(crate) state: StateDict,
+    pub(crate) precision: Option<(Precision, String)>,
+}
+
+impl Parsed {
+    fn into_loaded(self) -> Loaded {
+        Loaded {
+            state: self.state,
+            precision: self.precision.map_or(Precision::F32, |(p, _)| p),
+        }
+    }
+}
+
+/// The dtype nt keeps a stored tensor in: floats of any precision nt reads
+/// become f32, counters stay i64; anything else is an error naming it.
+fn stored_dtype(source_name: &str, name: &str, dtype: Dtype) -> Result<(DType, Option<Precision>)> {
+    match (dtype, Precision::of(dtype)) {
+        (Dtype::I64, _) => Ok((DType::I64, None)),
+        (_, Some(p)) => Ok((DType::F32, Some(p))),
+        (other, None) => Err(FusionError::checkpoint(
+            source_name,
+            format!(
+                "tensor `{name}` has dtype {other:?}; nt reads F32, BF16 or F16 weights and I64 counters"
+            ),
+        )),
+    }
+}
+
+/// Records the precision of float tensor `name`; an error when an earlier
+/// float tensor has another.
+pub(crate) fn agree(
+    seen: &mut Option<(Precision, String)>,
+    precision: Precision,
+    name: &str,
+    source_name: &str,
+) -> Result<()> {
+    match seen {
+        None => {
+            *seen = Some((precision, name.to_string()));
+            Ok(())
+        }
+        Some((first, _)) if *first == precision => Ok(()),
+        Some((first, first_name)) => Err(FusionError::checkpoint(
+            source_name,
+            format!(
+                "tensor `{name}` is {precision} but `{first_name}` is {first}: a checkpoint's float tensors share one dtype"
+            ),
+        )),
+    }
+}
+
+pub(crate) fn parse(source_name: &str, backing: Backing) -> Result<Parsed> {
     let bytes: &[u8] = (*backing).as_ref();
     let corrupt = |e: safetensors::SafeTensorError| {
         FusionError::checkpoint(
@@ -127,39 +267,34 @@ fn parse(source_name: &str, backing: Backing) -> Result<StateDict> {
     if let Some(m) = meta.metadata() {
         state.metadata = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
-    for (name, view) in tensors.iter() {
+    // In name order, so an error names the same tensor every time.
+    let mut views = tensors.tensors();
+    views.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut precision = None;
+    for (name, view) in views {
         let shape = view.shape().to_vec();
-        let tensor = match view.dtype() {
-            Dtype::F32 => {
-                let offset = infos
-                    .get(name)
-                    .map(|i| data_start + i.data_offsets.0)
-                    .unwrap_or(usize::MAX);
-                match HostTensor::mapped(shape.clone(), backing.clone(), offset) {
-                    Some(t) => t,
-                    None => HostTensor::f32(shape, le_f32(view.data())),
+        let tensor = match stored_dtype(source_name, &name, view.dtype())? {
+            (DType::I64, _) => HostTensor::i64(shape, le_i64(view.data())),
+            (DType::F32, stored) => {
+                let stored = stored.unwrap_or(Precision::F32);
+                agree(&mut precision, stored, &name, source_name)?;
+                if stored == Precision::F32 {
+                    let offset = infos
+                        .get(&name)
+                        .map(|i| data_start + i.data_offsets.0)
+                        .unwrap_or(usize::MAX);
+                    match HostTensor::mapped(shape.clone(), backing.clone(), offset) {
+                        Some(t) => t,
+                        None => HostTensor::f32(shape, stored.widen(view.data())),
+                    }
+                } else {
+                    HostTensor::f32(shape, stored.widen(view.data()))
                 }
             }
-            Dtype::I64 => HostTensor::i64(shape, le_i64(view.data())),
-            other => {
-                return Err(FusionError::checkpoint(
-                    source_name,
-                    format!(
-                    "tensor `{name}` has dtype {other:?}; nt reads F32 weights and I64 counters"
-                ),
-                ))
-            }
         };
-        state.tensors.insert(name.to_string(), tensor);
+        state.tensors.insert(name, tensor);
     }
-    Ok(state)
-}
-
-fn le_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    Ok(Parsed { state, precision })
 }
 
 fn le_i64(bytes: &[u8]) -> Vec<i64> {
@@ -196,9 +331,12 @@ pub fn header_len(source_name: &str, first: &[u8], file_len: u64) -> Result<u64>
 
 /// Checks a checkpoint from its JSON header alone (the `header_len` bytes
 /// after the first 8) and the file's size: names, dtypes and shapes against
-/// `arch`, as [`validate`] does, and that the tensors' byte ranges (checked
-/// contiguous by the header's parser) end exactly at the end of the file, so a truncated or padded file is caught without
-/// reading its data. Damage inside the data is found when the file is loaded.
+/// `arch`, as [`validate`] does after loading (float tensors of one
+/// precision, f32, bf16 or f16, stand for the architecture's f32 ones), and
+/// that the tensors' byte ranges (checked contiguous by the header's parser)
+/// end exactly at the end of the file, so a truncated or padded file is
+/// caught without reading its data. Damage inside the data is found when the
+/// file is loaded.
 pub fn validate_header(
     source_name: &str,
     header: &[u8],
@@ -214,22 +352,18 @@ pub fn validate_header(
     let text = std::str::from_utf8(header).map_err(|e| corrupt(format!("header: {e}")))?;
     let meta: safetensors::tensor::Metadata =
         serde_json::from_str(text).map_err(|e| corrupt(format!("header: {e}")))?;
-    let infos = meta.tensors();
+    // In name order, so an error names the same tensor every time.
+    let infos: BTreeMap<String, &safetensors::tensor::TensorInfo> =
+        meta.tensors().into_iter().collect();
     let mut entries = Vec::with_capacity(infos.len());
     let mut end = 0usize;
+    let mut precision = None;
     for (name, info) in &infos {
-        let dtype = match info.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::I64 => DType::I64,
-            other => {
-                return Err(FusionError::checkpoint(
-                    source_name,
-                    format!(
-                        "tensor `{name}` has dtype {other:?}; nt reads F32 weights and I64 counters"
-                    ),
-                ))
-            }
-        };
+        // Loading widens bf16 and f16 to the f32 the architecture expects.
+        let (dtype, stored) = stored_dtype(source_name, name, info.dtype)?;
+        if let Some(stored) = stored {
+            agree(&mut precision, stored, name, source_name)?;
+        }
         // Parsing the header already checked that the byte ranges are
         // contiguous from 0 and match each shape and dtype.
         end = end.max(info.data_offsets.1);
@@ -370,53 +504,102 @@ fn list<S: AsRef<str>>(names: &[S]) -> String {
     out.join(", ")
 }
 
-struct TensorRef<'a>(&'a HostTensor);
+/// A tensor as written: float tensors in the chosen precision, rounded one
+/// tensor at a time while the file is written, counters as they are.
+pub(crate) struct TensorRef<'a> {
+    tensor: &'a HostTensor,
+    precision: Precision,
+}
+
+impl<'a> TensorRef<'a> {
+    pub(crate) fn new(tensor: &'a HostTensor, precision: Precision) -> Self {
+        TensorRef { tensor, precision }
+    }
+}
 
 impl View for TensorRef<'_> {
     fn dtype(&self) -> Dtype {
-        match self.0.dtype() {
-            DType::F32 => Dtype::F32,
+        match self.tensor.dtype() {
+            DType::F32 => self.precision.dtype(),
             DType::I64 => Dtype::I64,
         }
     }
     fn shape(&self) -> &[usize] {
-        self.0.shape()
+        self.tensor.shape()
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(self.0.bytes())
+        match (self.tensor.as_f32(), self.precision) {
+            (Some(values), Precision::BF16 | Precision::F16) => {
+                std::borrow::Cow::Owned(self.precision.narrow(values))
+            }
+            _ => std::borrow::Cow::Borrowed(self.tensor.bytes()),
+        }
     }
     fn data_len(&self) -> usize {
-        self.0.bytes().len()
+        stored_len(self.tensor, self.precision)
     }
 }
 
-type Views<'a> = (
-    Vec<(&'a str, TensorRef<'a>)>,
-    Option<HashMap<String, String>>,
-);
-
-fn views(state: &StateDict) -> Views<'_> {
-    let views = state
-        .tensors
-        .iter()
-        .map(|(k, v)| (k.as_str(), TensorRef(v)))
-        .collect();
-    let mut meta: HashMap<String, String> = state.metadata.clone().into_iter().collect();
-    // PyTorch's safetensors helpers mark their files this way.
-    meta.entry("format".into()).or_insert_with(|| "pt".into());
-    (views, Some(meta))
+/// The bytes `tensor` takes when its floats are stored in `precision`.
+pub(crate) fn stored_len(tensor: &HostTensor, precision: Precision) -> usize {
+    match tensor.dtype() {
+        DType::F32 => tensor.numel() * precision.size(),
+        DType::I64 => tensor.numel() * 8,
+    }
 }
 
-/// Serializes a state dict to safetensors bytes.
+/// A file's metadata: the state dict's, marked as PyTorch's safetensors
+/// helpers mark their files.
+pub(crate) fn file_metadata(state: &StateDict) -> Option<HashMap<String, String>> {
+    let mut meta: HashMap<String, String> = state.metadata.clone().into_iter().collect();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    Some(meta)
+}
+
+fn views(state: &StateDict, precision: Precision) -> Vec<(&str, TensorRef<'_>)> {
+    state
+        .tensors
+        .iter()
+        .map(|(k, v)| (k.as_str(), TensorRef::new(v, precision)))
+        .collect()
+}
+
+/// Serializes a state dict to safetensors bytes, in f32.
 pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
-    let (views, meta) = views(state);
-    safetensors::tensor::serialize(views, meta)
+    to_bytes_as(state, Precision::F32)
+}
+
+/// Serializes a state dict to safetensors bytes, its float tensors rounded
+/// to `precision`.
+pub fn to_bytes_as(state: &StateDict, precision: Precision) -> Result<Vec<u8>> {
+    safetensors::tensor::serialize(views(state, precision), file_metadata(state))
         .map_err(|e| FusionError::checkpoint("(in memory)", e.to_string()))
 }
 
-/// Writes a checkpoint atomically: a temporary file in the same folder,
-/// renamed over `path` once complete, so a crash never leaves half a file.
+/// Writes a checkpoint atomically, in f32 and as one file: a temporary file
+/// in the same folder, renamed over `path` once complete, so a crash never
+/// leaves half a file. [`save_with`] chooses the precision and shards.
 pub fn save(path: &Path, state: &StateDict) -> Result<()> {
+    write_file(path, views(state, Precision::F32), file_metadata(state))
+}
+
+/// Writes tensors as one safetensors file, atomically.
+pub(crate) fn write_file(
+    path: &Path,
+    views: Vec<(&str, TensorRef<'_>)>,
+    meta: Option<HashMap<String, String>>,
+) -> Result<()> {
+    write_atomic(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, meta, tmp).map_err(|e| e.to_string())
+    })
+}
+
+/// Writes `path` through `write` into a temporary file in the same folder,
+/// renamed over `path` once complete, so a reader never sees half a file.
+pub(crate) fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
+) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -426,14 +609,9 @@ pub fn save(path: &Path, state: &StateDict) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let (views, meta) = views(state);
-    let written = safetensors::tensor::serialize_to_file(views, meta, &tmp);
-    if let Err(e) = written {
+    if let Err(e) = write(&tmp) {
         let _ = std::fs::remove_file(&tmp);
-        return Err(FusionError::checkpoint(
-            path.display().to_string(),
-            e.to_string(),
-        ));
+        return Err(FusionError::checkpoint(path.display().to_string(), e));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -501,6 +679,115 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("junk"), "{err}");
+    }
+
+    /// A safetensors file of raw tensors, dtypes as given.
+    pub(super) fn raw_file(tensors: &[(&str, Dtype, Vec<usize>)]) -> Vec<u8> {
+        let data: Vec<(String, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, dtype, shape)| {
+                let n: usize = shape.iter().product();
+                (name.to_string(), vec![0u8; n * dtype.bitsize() / 8])
+            })
+            .collect();
+        let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((name, dtype, shape), (_, bytes))| {
+                let view =
+                    safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap();
+                (*name, view)
+            })
+            .collect();
+        safetensors::tensor::serialize(views, None).unwrap()
+    }
+
+    #[test]
+    fn half_precision_files_read_into_f32_and_say_their_precision() {
+        let (arch, mut state) = small();
+        // 0.1 is not a bf16 value: it is rounded on the way out.
+        state.insert("fc1.bias", HostTensor::f32(vec![3], vec![0.1, -2.0, 1e-3]));
+        state.insert("extra.count", HostTensor::i64(vec![1], vec![7]));
+        for precision in [Precision::BF16, Precision::F16] {
+            let bytes = to_bytes_as(&state, precision).unwrap();
+            let loaded = read_bytes("h.safetensors", bytes.clone()).unwrap();
+            assert_eq!(loaded.precision, precision);
+            let back = &loaded.state;
+            assert_eq!(back.get("extra.count").unwrap().as_i64(), Some(&[7i64][..]));
+            let round: fn(f32) -> f32 = match precision {
+                Precision::BF16 => |v| bf16_to_f32(f32_to_bf16(v)),
+                _ => |v| f16_to_f32(f32_to_f16(v)),
+            };
+            for (name, t) in &state.tensors {
+                let Some(values) = t.as_f32() else { continue };
+                let expected: Vec<f32> = values.iter().map(|&v| round(v)).collect();
+                assert_eq!(
+                    back.get(name).unwrap().as_f32().unwrap(),
+                    expected,
+                    "{name}"
+                );
+            }
+            assert_ne!(back.get("fc1.bias").unwrap().as_f32().unwrap()[0], 0.1);
+            assert_eq!(back.arch().unwrap().unwrap(), *arch.spec());
+            // The header check sees the same file as the f32 architecture's.
+            state.tensors.remove("extra.count");
+            let bytes = to_bytes_as(&state, precision).unwrap();
+            let n = header_len("h", &bytes, bytes.len() as u64).unwrap() as usize;
+            validate_header("h", &bytes[8..8 + n], bytes.len() as u64, &arch).unwrap();
+            validate(&load_bytes("h", bytes).unwrap(), &arch, "h").unwrap();
+            state.insert("extra.count", HostTensor::i64(vec![1], vec![7]));
+        }
+        let f32_file = read_bytes("f", to_bytes(&state).unwrap()).unwrap();
+        assert_eq!(f32_file.precision, Precision::F32);
+    }
+
+    #[test]
+    fn mixed_and_unsupported_dtypes_name_the_tensor() {
+        let mixed = raw_file(&[
+            ("a.weight", Dtype::BF16, vec![2, 2]),
+            ("b.weight", Dtype::F16, vec![2]),
+            ("c.num_batches_tracked", Dtype::I64, vec![]),
+        ]);
+        let err = load_bytes("mixed.safetensors", mixed.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mixed.safetensors")
+                && err.contains("`b.weight` is f16 but `a.weight` is bf16"),
+            "{err}"
+        );
+        let n = header_len("m", &mixed, mixed.len() as u64).unwrap() as usize;
+        let (arch, _) = small();
+        let err = validate_header("m", &mixed[8..8 + n], mixed.len() as u64, &arch)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`b.weight` is f16"), "{err}");
+        for dtype in [Dtype::F64, Dtype::U8, Dtype::I32] {
+            let file = raw_file(&[("a.weight", Dtype::F32, vec![2]), ("w", dtype, vec![2])]);
+            let err = load_bytes("odd.safetensors", file).unwrap_err().to_string();
+            assert!(
+                err.contains("odd.safetensors")
+                    && err.contains(&format!("tensor `w` has dtype {dtype:?}")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn members_must_agree_on_precision() {
+        let agreed = common_precision(&[("a", Precision::BF16), ("b", Precision::BF16)]);
+        assert_eq!(agreed.unwrap(), Precision::BF16);
+        let err = common_precision(&[
+            ("a.safetensors", Precision::BF16),
+            ("b.safetensors", Precision::F16),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, FusionError::Members(_)), "{err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("members disagree on dtype: a.safetensors is bf16, b.safetensors is f16"),
+            "{err}"
+        );
     }
 
     #[test]

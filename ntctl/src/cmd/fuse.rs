@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Serialize;
 
 use fusion::arch::{ArchSpec, Architecture};
-use fusion::checkpoint::{self, Lineage};
+use fusion::checkpoint::{self, Lineage, Precision, SaveOptions, Saved};
 use fusion::{FuseReport, Method};
 use nt_runtime::guard::GuardMode;
 use nt_runtime::FuseOptions;
@@ -23,9 +23,19 @@ pub struct FuseArgs {
     /// the one recorded in the first member.
     #[arg(long)]
     arch: Option<String>,
-    /// Where to write the fused checkpoint.
+    /// Where to write the fused checkpoint (a folder: its `model.safetensors`).
+    /// Above --max-shard-size it is sharded: `STEM-00001-of-0000N.safetensors`
+    /// and the index `STEM.safetensors.index.json` next to it.
     #[arg(short, long)]
     output_file: PathBuf,
+    /// The fused checkpoint's float dtype: f32, bf16 or f16 (default: the
+    /// members', which must agree).
+    #[arg(long, env = "NT_FUSE_DTYPE", value_parser = parse_dtype)]
+    dtype: Option<Precision>,
+    /// The largest fused checkpoint written as one file, and the largest
+    /// shard above it: bytes, or with a unit (`500MB`, `2GiB`).
+    #[arg(long, default_value = "2GiB", env = "NT_MAX_SHARD_SIZE", value_parser = parse_size)]
+    max_shard_size: u64,
     /// Exactness guard: auto (below --guard-limit parameters), always or off.
     #[arg(long, default_value = "auto", value_parser = ["auto", "always", "off"])]
     guard: String,
@@ -44,9 +54,52 @@ fn parse_method(s: &str) -> Result<Method, String> {
     s.parse().map_err(|e: fusion::FusionError| e.to_string())
 }
 
+fn parse_dtype(s: &str) -> Result<Precision, String> {
+    s.parse().map_err(|e: fusion::FusionError| e.to_string())
+}
+
+/// A size in bytes: a number with an optional unit, `B`, `KB`/`MB`/`GB`/`TB`
+/// (powers of 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024); at least 1.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit (B, KB, MB, GB, KiB, MiB, GiB, ...)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (a number of bytes, or with a unit: 2GiB)"))?;
+    let bytes = value * scale as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err(format!("`{s}`: a shard size is at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
 #[derive(Serialize)]
 struct FuseOutput<'a> {
+    /// What to read back: the file, or the index of a sharded checkpoint.
     output: String,
+    /// The fused checkpoint's float dtype.
+    dtype: Precision,
+    /// The shards of a sharded checkpoint (none for one file).
+    shards: Vec<String>,
     member_files: Vec<String>,
     #[serde(flatten)]
     report: &'a FuseReport,
@@ -75,11 +128,19 @@ pub fn run(args: FuseArgs, output: OutputFormat) -> Result<()> {
             args.members.len()
         );
     }
-    let members = args
+    let loaded = args
         .members
         .iter()
-        .map(|p| checkpoint::load(p))
+        .map(|p| checkpoint::read(p))
         .collect::<Result<Vec<_>, _>>()?;
+    let stored: Vec<(String, Precision)> = args
+        .members
+        .iter()
+        .zip(&loaded)
+        .map(|(p, l)| (p.display().to_string(), l.precision))
+        .collect();
+    let precision = checkpoint::common_precision(&stored)?;
+    let members: Vec<_> = loaded.into_iter().map(|l| l.state).collect();
     let arch = architecture(&args, &members[0])?;
     for (path, m) in args.members.iter().zip(&members) {
         checkpoint::validate(m, &arch, &path.display().to_string())?;
@@ -108,29 +169,45 @@ pub fn run(args: FuseArgs, output: OutputFormat) -> Result<()> {
         .metrics
         .insert("fusion_seconds".into(), fused.report.seconds);
     fused.state.set_lineage(&Lineage { ..lineage });
-    checkpoint::save(&args.output_file, &fused.state)?;
+    // Fused in f32; written in the members' precision unless told otherwise.
+    let options = SaveOptions {
+        precision: args.dtype.unwrap_or(precision),
+        max_shard_bytes: args.max_shard_size,
+    };
+    let saved = checkpoint::save_with(&args.output_file, &fused.state, &options)?;
 
     let report = &fused.report;
     match output {
         OutputFormat::Json => print_json(&FuseOutput {
-            output: args.output_file.display().to_string(),
+            output: saved.path.display().to_string(),
+            dtype: saved.precision,
+            shards: saved
+                .shards
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
             member_files,
             report,
         })?,
-        OutputFormat::Text => print_text(&args, report, &member_files),
+        OutputFormat::Text => print_text(&saved, report, &member_files),
     }
     Ok(())
 }
 
-fn print_text(args: &FuseArgs, report: &FuseReport, member_files: &[String]) {
+fn print_text(saved: &Saved, report: &FuseReport, member_files: &[String]) {
+    let shards = match saved.shards.len() {
+        0 => String::new(),
+        n => format!(", {n} shards"),
+    };
     println!(
-        "fused {} members with {} in {:.3} s -> {} ({}, {} parameters)",
+        "fused {} members with {} in {:.3} s -> {} ({}, {} parameters, {}{shards})",
         report.members,
         report.method,
         report.seconds,
-        args.output_file.display(),
+        saved.path.display(),
         report.arch,
-        report.parameters
+        report.parameters,
+        saved.precision,
     );
     let guard = &report.guard;
     if guard.ran {
@@ -189,5 +266,21 @@ fn print_text(args: &FuseArgs, report: &FuseReport, member_files: &[String]) {
             print!("  {:>col$}", format!("{kept} ({share:.1}%)"));
         }
         println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5 MB"), Ok(1_500_000));
+        assert_eq!(parse_size("4kib"), Ok(4096));
+        for bad in ["", "0", "GiB", "-1", "1e99TB", "2 parsecs", "1.2.3"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

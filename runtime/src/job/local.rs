@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use fusion::checkpoint::{self, Loaded};
+
 use super::JobIo;
 use crate::data::{self, FileSource};
 use crate::{Result, RuntimeError};
@@ -33,6 +35,12 @@ impl JobIo for LocalFiles {
                 let _ = std::fs::remove_file(&tmp);
                 RuntimeError::io(path, e)
             })
+    }
+
+    /// Memory-maps the file; also reads a folder holding
+    /// `model.safetensors.index.json` or `model.safetensors`.
+    fn checkpoint(&self, key: &str) -> Result<Loaded> {
+        Ok(checkpoint::read(Path::new(key))?)
     }
 
     fn data_source(&self, spec: &data::DataSpec) -> Result<Box<dyn FileSource + '_>> {

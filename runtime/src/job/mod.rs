@@ -11,9 +11,11 @@ mod eval;
 mod local;
 mod train;
 
+use std::sync::Arc;
+
 use fusion::arch::Architecture;
-use fusion::checkpoint;
-use fusion::state::StateDict;
+use fusion::checkpoint::{self, Loaded, ShardIndex};
+use fusion::state::{Backing, StateDict};
 use nt_spec::DataSpec;
 use tch::Device;
 
@@ -43,6 +45,40 @@ pub trait JobIo {
     fn data_cache(&self) -> Option<Box<dyn DataCache + '_>> {
         None
     }
+    /// The checkpoint under `key`, in f32 whatever precision it is stored in:
+    /// a safetensors file, or the index of a sharded one
+    /// (`*.safetensors.index.json`) with its shards next to it
+    /// ([`read_checkpoint`]).
+    fn checkpoint(&self, key: &str) -> Result<Loaded> {
+        read_checkpoint(self, key)
+    }
+}
+
+/// Reads the checkpoint under `key` through `io.read`: one file, or an
+/// index and the shards it names, next to it. A missing shard is an error
+/// naming the shard and the index; a failing store stays retryable.
+pub fn read_checkpoint<T: JobIo + ?Sized>(io: &T, key: &str) -> Result<Loaded> {
+    let bytes = io.read(key)?;
+    if !checkpoint::is_index(key) {
+        return Ok(checkpoint::read_bytes(key, bytes)?);
+    }
+    let index = ShardIndex::parse(key, &bytes)?;
+    let shards = index
+        .shards()
+        .iter()
+        .map(|shard| {
+            let shard_key = checkpoint::shard_key(key, shard);
+            match io.read(&shard_key) {
+                Ok(bytes) => Ok((shard_key, Arc::new(bytes) as Backing)),
+                Err(RuntimeError::Missing(_)) => Err(RuntimeError::checkpoint(
+                    key,
+                    format!("shard `{shard}` listed in the index does not exist (`{shard_key}`)"),
+                )),
+                Err(e) => Err(e),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(index.assemble(shards)?)
 }
 
 /// What a job tells its caller while it runs, and how the caller stops it.
@@ -99,9 +135,10 @@ pub struct ModelRef {
     pub arch: ArchOf,
 }
 
-/// Reads a checkpoint and checks it against its architecture.
+/// Reads a checkpoint (f32, bf16 or f16, one file or sharded:
+/// [`JobIo::checkpoint`]) and checks it against its architecture.
 pub fn load_model(io: &dyn JobIo, model: &ModelRef) -> Result<(Architecture, StateDict)> {
-    let state = checkpoint::load_bytes(&model.key, io.read(&model.key)?)?;
+    let state = io.checkpoint(&model.key)?.state;
     let arch = match &model.arch {
         ArchOf::Given(arch) => arch.clone(),
         ArchOf::Recorded => match state.arch() {
