@@ -3,7 +3,8 @@
 
 The paper's fusion-cost benchmark (its `ex12_comparison_time_memory.py`): two
 3072-W-W-10 MLPs without bias, W from 32 to 16384, fused by weight averaging,
-NT and OT; plus NT on ResNet18 for K = 2, 4, 8. The reference approaches are
+NT and OT; plus NT on ResNet18 for K = 2, 4, 8, and on torchvision's own
+ResNet50 and VGG16 (10 classes, 32x32 inputs) for K = 2 and 4. The reference approaches are
 re-implemented here as the paper's code runs them:
 
 * average: copy member 0, zero it, add every member, divide by K;
@@ -57,13 +58,39 @@ DEFAULT_WIDTHS = ",".join(str(32 << i) for i in range(10))  # 32 .. 16384
 MIB = 2**20
 
 
+# torchvision's families, built by torchvision itself, and the nt presets
+# with the same state_dict (32x32 inputs, 10 classes).
+FAMILIES = {
+    "resnet50": ("resnet50:stem=imagenet", "ResNet50"),
+    "vgg16": ("vgg16", "VGG16"),
+}
+
+
 def make(kind, width):
     # 3072-W-W-10 without bias: nt preset `mlp:input=3072,hidden=W,depth=2`.
-    return MLP(inputs=3072, hidden=width, depth=2) if kind == "mlp" else ResNet18()
+    if kind == "mlp":
+        return MLP(inputs=3072, hidden=width, depth=2)
+    if kind in FAMILIES:
+        import torchvision
+
+        return getattr(torchvision.models, kind)(num_classes=10)
+    return ResNet18()
 
 
 def example_input(kind):
     return torch.randn(1, 3072) if kind == "mlp" else torch.randn(1, 3, 32, 32)
+
+
+def arch_of(kind, width):
+    if kind == "mlp":
+        return f"mlp:input=3072,hidden={width},depth=2,classes=10,bias=false"
+    return FAMILIES[kind][0] if kind in FAMILIES else "resnet18"
+
+
+def model_name(kind, width):
+    if kind == "mlp":
+        return f"MLP 3072-{width}-{width}-10"
+    return FAMILIES[kind][1] if kind in FAMILIES else "ResNet18"
 
 
 # ---------------------------------------------------------------- reference: NT
@@ -352,11 +379,11 @@ def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit):
     members = write_members(kind, width, k, folder)
     member_bytes = float_bytes(members)
     io_bytes = member_bytes * (k + 1) // k
-    arch = f"mlp:input=3072,hidden={width},depth=2,classes=10,bias=false" if kind == "mlp" else "resnet18"
+    arch = arch_of(kind, width)
     ours_file = os.path.join(folder, "ours.safetensors")
     ref_file = os.path.join(folder, "reference.safetensors")
     row = {
-        "model": f"MLP 3072-{width}-{width}-10" if kind == "mlp" else "ResNet18",
+        "model": model_name(kind, width),
         "width": width,
         "k": k,
         "method": method,
@@ -418,7 +445,7 @@ def fmt(row, key, spec, missing="-"):
 def table_line(r):
     diff = r.get("max_abs_diff")
     return (
-        f"| {r['width'] if r['model'].startswith('MLP') else 'ResNet18 K=' + str(r['k'])} | {r['method']} "
+        f"| {r['width'] if r['model'].startswith('MLP') else r['model'] + ' K=' + str(r['k'])} | {r['method']} "
         f"| {fmt(r, 'ours_s', '.3f')} | {fmt(r, 'ours_peak_mb', '.0f')} "
         f"| {fmt(r, 'ref_s', '.3f')} | {fmt(r, 'ref_peak_mb', '.0f')} "
         f"| {fmt(r, 'speedup', '.1f')}{'x' if 'speedup' in r else ''} | {r['io_mb']:.1f} "
@@ -529,13 +556,15 @@ def main():
     ap.add_argument("--widths", default=DEFAULT_WIDTHS)
     ap.add_argument("--methods", default="average,nt,ot")
     ap.add_argument("--resnet-k", default="2,4,8", help="NT on ResNet18 for these K")
+    ap.add_argument("--family-k", default="2,4",
+                    help="NT on torchvision's ResNet50 and VGG16 for these K (empty: none)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds per child before it is stopped")
     ap.add_argument("--quick", action="store_true", help="W = 512, 1024 and ResNet18 K = 2 only")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--plot", help="write the log-log plot (SVG) here")
     args = ap.parse_args()
     if args.quick:
-        args.widths, args.resnet_k = "512,1024", "2"
+        args.widths, args.resnet_k, args.family_k = "512,1024", "2", ""
     if not os.path.exists(NTCTL):
         sys.exit(f"{NTCTL} is missing: run `make build` first (or set NTCTL)")
     methods = [m for m in args.methods.split(",") if m]
@@ -563,6 +592,7 @@ def main():
     configs = [("mlp", int(w), 2, m) for w in args.widths.split(",") if w for m in methods]
     if "nt" in methods:
         configs += [("resnet18", 64, int(k), "nt") for k in args.resnet_k.split(",") if k]
+        configs += [(f, 64, int(k), "nt") for f in FAMILIES for k in args.family_k.split(",") if k]
     rows, done = [], {}  # done[(kind, method, side)]: why larger widths are skipped
     with tempfile.TemporaryDirectory(prefix="nt-fusion-bench-") as folder:
         for kind, width, k, method in configs:
