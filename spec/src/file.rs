@@ -43,6 +43,9 @@ pub struct RunSpecFile {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub compare: CompareFile,
+    /// The fused models' float dtype: f32, bf16 or f16 (default: the members').
+    #[serde(default)]
+    pub fused_dtype: Option<String>,
 }
 
 /// `compare:`: extra models for comparing the fusion methods.
@@ -251,6 +254,7 @@ impl RunSpecFile {
                 distillation: self.compare.distillation,
                 baseline: self.compare.baseline,
             }),
+            fused_dtype: self.fused_dtype.clone().unwrap_or_default(),
         })
     }
 }

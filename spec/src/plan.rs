@@ -3,6 +3,7 @@
 //! way from a wire spec to a plan; everything downstream reads the plan.
 
 use fusion::arch::Architecture;
+use fusion::checkpoint::Precision;
 use fusion::Method;
 use nt_proto::v1 as pb;
 
@@ -39,6 +40,9 @@ pub struct Plan {
     pub device: Device,
     pub max_attempts: u32,
     pub compare: Compare,
+    /// The float dtype the fused models are stored in; `None`: the
+    /// members' (known once they are read). Fine-tuned models are f32.
+    pub fused_precision: Option<Precision>,
 }
 
 /// The extra models a run produces to put its fusion methods in context.
@@ -302,6 +306,12 @@ fn plan(
             ),
         ));
     }
+    let fused_precision = match spec.fused_dtype.as_str() {
+        "" => None,
+        dtype => Some(dtype.parse().map_err(|_: fusion::FusionError| {
+            err("fused_dtype", format!("`{dtype}` is not f32, bf16 or f16"))
+        })?),
+    };
     Ok(Plan {
         name: spec.name.clone(),
         arch,
@@ -313,6 +323,7 @@ fn plan(
         device,
         max_attempts,
         compare,
+        fused_precision,
     })
 }
 
@@ -585,5 +596,26 @@ device: any
         });
         let e = plan(&wire, &keys).unwrap_err();
         assert_eq!(e.field, "architecture", "{e}");
+    }
+
+    #[test]
+    fn the_fused_dtype_is_the_members_unless_the_spec_names_one() {
+        let plan_of = |extra: &str| {
+            let yaml = format!("architecture: mlp\nmembers: {{count: 2}}\n{extra}");
+            let wire = RunSpecFile::from_yaml(&yaml)?.to_proto(std::path::Path::new("."))?;
+            plan(&wire, &keys)
+        };
+        assert_eq!(plan_of("").unwrap().fused_precision, None);
+        for (dtype, precision) in [
+            ("f32", Precision::F32),
+            ("bf16", Precision::BF16),
+            ("float16", Precision::F16),
+        ] {
+            let p = plan_of(&format!("fused_dtype: {dtype}\n")).unwrap();
+            assert_eq!(p.fused_precision, Some(precision), "{dtype}");
+        }
+        let e = plan_of("fused_dtype: f64\n").unwrap_err();
+        assert_eq!(e.field, "fused_dtype");
+        assert!(e.message.contains("`f64` is not f32, bf16 or f16"), "{e}");
     }
 }
