@@ -1,21 +1,27 @@
 //! The fusing phase's work: read the accepted member checkpoints from the
 //! object store, fuse them with every method of the plan on a blocking
 //! thread (the exactness guard runs below its size limit), and store the
-//! fused models. Each method's peak heap is measured (one fusion at a time
-//! in a process: they use every core anyway, and the measure is
-//! process-wide). What to do with the outcome is the runbook's business.
+//! fused models in the members' float dtype (or the plan's). Each method's
+//! peak heap is measured (one fusion at a time in a process: they use every
+//! core anyway, and the measure is process-wide). What to do with the
+//! outcome is the runbook's business.
 
 use std::time::Instant;
 
 use bytes::Bytes;
+use fusion::checkpoint::{self, Precision};
 use nt_common::{layout, Storage};
 use nt_spec::Plan;
 use tracing::info;
 
+use super::checkpoints;
 use super::document::{FusedRecord, GroupKept};
 
 /// Fuses the members `keys` of run `run_id` with every method of `plan`;
-/// the error says which member or method failed and why.
+/// the error says which member or method failed and why. Members are read
+/// into f32 (one file or sharded, f32, bf16 or f16; they must agree), fused
+/// in f32, and the fused models stored in the members' dtype unless the
+/// plan names another.
 pub async fn fuse_members(
     storage: &Storage,
     run_id: &str,
@@ -24,11 +30,7 @@ pub async fn fuse_members(
 ) -> Result<Vec<FusedRecord>, String> {
     let mut members = Vec::with_capacity(keys.len());
     for key in keys {
-        match storage.get(key).await {
-            Ok(Some((bytes, _))) => members.push((key.clone(), bytes)),
-            Ok(None) => return Err(format!("member checkpoint `{key}` does not exist")),
-            Err(e) => return Err(format!("reading member checkpoint `{key}`: {e}")),
-        }
+        members.push(checkpoints::fetch(storage, key).await?);
     }
     info!(
         members = members.len(),
@@ -37,13 +39,22 @@ pub async fn fuse_members(
     );
     let methods = plan.methods.clone();
     let arch = plan.arch.clone();
+    let fused_precision = plan.fused_precision;
     let lineage_members = keys.to_vec();
     let fused = tokio::task::spawn_blocking(move || -> Result<Vec<_>, String> {
-        let states = members
+        let loaded = members
             .into_iter()
-            .map(|(key, bytes)| fusion::checkpoint::load_bytes(&key, Vec::from(bytes)))
+            .map(checkpoints::Fetched::load)
             .collect::<fusion::Result<Vec<_>>>()
             .map_err(|e| e.to_string())?;
+        let stored: Vec<(&str, Precision)> = lineage_members
+            .iter()
+            .zip(&loaded)
+            .map(|(key, l)| (key.as_str(), l.precision))
+            .collect();
+        let members_precision = checkpoint::common_precision(&stored).map_err(|e| e.to_string())?;
+        let precision = fused_precision.unwrap_or(members_precision);
+        let states: Vec<_> = loaded.into_iter().map(|l| l.state).collect();
         let refs: Vec<_> = states.iter().collect();
         let mut out = Vec::new();
         for method in methods {
@@ -57,7 +68,8 @@ pub async fn fuse_members(
                 .metrics
                 .insert("fusion_seconds".into(), fused.report.seconds);
             fused.state.set_lineage(&lineage);
-            let bytes = fusion::checkpoint::to_bytes(&fused.state).map_err(|e| e.to_string())?;
+            let bytes =
+                checkpoint::to_bytes_as(&fused.state, precision).map_err(|e| e.to_string())?;
             let record = FusedRecord {
                 method,
                 key: String::new(),

@@ -13,9 +13,12 @@
 //! * [`lease`]: one coordinator per store: the store lease, renewed with
 //!   conditional puts, and the epoch that fences a former holder's writes;
 //! * [`fusion_step`]: reads the members, fuses them on a blocking thread and
-//!   stores the fused models.
+//!   stores the fused models;
+//! * [`checkpoints`]: existing member checkpoints in the store (one file or
+//!   sharded): checked at submission from their headers, read for fusion.
 
 mod api;
+pub mod checkpoints;
 pub mod document;
 pub mod fusion_step;
 pub mod lease;

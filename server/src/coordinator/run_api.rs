@@ -34,33 +34,14 @@ impl Coordinator {
         Some(super::wire::run(&book.doc, &book.plan))
     }
 
-    /// Checks existing member checkpoints: each exists and fits the
-    /// architecture. Reads only each file's size and header (two ranged
-    /// reads), not its data: a truncated file shows in the size, a wrong
-    /// architecture in the header.
+    /// Checks existing member checkpoints from their headers
+    /// ([`super::checkpoints::check_members`]): each exists and fits the
+    /// architecture, and they share one float dtype.
     async fn check_existing_members(&self, plan: &Plan) -> Result<()> {
         let MemberPlan::Existing(keys) = &plan.members else {
             return Ok(());
         };
-        for (i, key) in keys.iter().enumerate() {
-            let field = format!("members.checkpoints[{i}]");
-            let Some(size) = self.storage.size(key).await? else {
-                return Err(CoordinatorError::NotFound(format!(
-                    "{field}: object `{key}` does not exist in {}",
-                    self.storage.url
-                )));
-            };
-            let first = if size < 8 {
-                bytes::Bytes::new()
-            } else {
-                self.storage.get_range(key, 0..8).await?
-            };
-            let n = fusion::checkpoint::header_len(key, &first, size)
-                .map_err(|e| invalid(format!("{field}: {e}")))?;
-            let header = self.storage.get_range(key, 8..8 + n).await?;
-            fusion::checkpoint::validate_header(key, &header, size, &plan.arch)
-                .map_err(|e| invalid(format!("{field}: {e}")))?;
-        }
+        super::checkpoints::check_members(&self.storage, keys, &plan.arch).await?;
         Ok(())
     }
 }

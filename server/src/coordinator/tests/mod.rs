@@ -2,6 +2,7 @@
 //! the scheduler on a fake clock, and the driver's mutate-then-commit path
 //! against a store whose writes can be made to fail.
 
+mod checkpoints;
 mod compare;
 mod events;
 mod failing_store;
