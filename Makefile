@@ -24,6 +24,7 @@ test: setup
 	$(ENV) python3 scripts/check_layout.py .
 	$(ENV) cargo test --workspace -- --test-threads 2
 	$(ENV) deploy/validate.sh
+	$(ENV) python3 -m pytest -q python/tests
 
 # Mutates the fuzz corpus for NT_FUZZ_SECONDS per target (default 60) and
 # writes bench/results/fuzz.md; new inputs and crashes land in fuzz/corpus/.

