@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_models import MLP, ResNet18  # noqa: E402
+from torch_models import preset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NTCTL = os.environ.get("NTCTL", os.path.join(ROOT, "target", "release", "ntctl"))
@@ -67,14 +67,12 @@ FAMILIES = {
 
 
 def make(kind, width):
-    # 3072-W-W-10 without bias: nt preset `mlp:input=3072,hidden=W,depth=2`.
-    if kind == "mlp":
-        return MLP(inputs=3072, hidden=width, depth=2)
     if kind in FAMILIES:
         import torchvision
 
         return getattr(torchvision.models, kind)(num_classes=10)
-    return ResNet18()
+    # nt's preset (3072-W-W-10 MLP without bias, or ResNet18), built from its spec.
+    return preset(arch_of(kind, width))
 
 
 def example_input(kind):

@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_models import MLP, LeNet, ResNet18  # noqa: E402
+from torch_models import preset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NTCTL = os.environ.get("NTCTL", os.path.join(ROOT, "target", "release", "ntctl"))
 
 # name: (nt preset, PyTorch module, sample shape, samples per epoch on cpu / cuda)
 MODELS = {
-    "mlp": ("mlp", lambda: MLP(784, 512, 3, 10), (1, 28, 28), (16384, 262144)),
-    "lenet": ("lenet", lambda: LeNet(), (1, 28, 28), (8192, 262144)),
-    "resnet18": ("resnet18", lambda: ResNet18(), (3, 32, 32), (1024, 32768)),
+    "mlp": ("mlp", lambda: preset("mlp"), (1, 28, 28), (16384, 262144)),
+    "lenet": ("lenet", lambda: preset("lenet"), (1, 28, 28), (8192, 262144)),
+    "resnet18": ("resnet18", lambda: preset("resnet18"), (3, 32, 32), (1024, 32768)),
 }
 
 
