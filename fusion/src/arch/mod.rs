@@ -1,5 +1,6 @@
 //! Architectures: the declarative spec, its validation, and the presets.
 
+mod builder;
 mod graph;
 pub mod presets;
 mod spec;

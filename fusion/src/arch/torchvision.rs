@@ -4,7 +4,7 @@
 //! MobileNetV2. A model built by torchvision with the same options loads an
 //! nt checkpoint of these presets as it is.
 
-use super::presets::{Options, SpecBuilder};
+use super::builder::{Options, SpecBuilder};
 use super::spec::{ArchSpec, Op, PoolSize};
 use crate::Result;
 
