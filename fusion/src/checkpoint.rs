@@ -162,7 +162,10 @@ fn map_file(path: &Path) -> Result<Backing> {
     let file = std::fs::File::open(path).map_err(|e| FusionError::io(path, e))?;
     // SAFETY: the map is read-only; like every safetensors reader we assume
     // the file is not truncated underneath us while it is in use.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FusionError::io(path, e))?;
+    // Populated: every tensor is read anyway, and faulting the pages in here
+    // makes loading, not the fusion after it, pay for reading the file.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+        .map_err(|e| FusionError::io(path, e))?;
     Ok(Arc::new(map))
 }
 
