@@ -1,0 +1,353 @@
+"""The client: one gRPC channel to nt's coordinator and the verbs of
+`ntctl` over it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union
+
+import grpc
+
+from ntpy._proto.nt.v1 import runs_pb2, runs_pb2_grpc, spec_pb2
+
+from .config import Settings, resolve
+
+Run = runs_pb2.Run
+RunEvent = runs_pb2.RunEvent
+RunReport = runs_pb2.RunReport
+RunSpec = spec_pb2.RunSpec
+RunState = runs_pb2.RunState
+
+FINAL_STATES = (runs_pb2.RUN_STATE_SUCCEEDED, runs_pb2.RUN_STATE_FAILED, runs_pb2.RUN_STATE_CANCELLED)
+# What a dropped connection or a restarting coordinator looks like.
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+CHUNK_BYTES = 1 << 20
+T = TypeVar("T")
+
+
+class NtError(Exception):
+    """A call the coordinator refused or could not serve: `code` is the gRPC
+    status code (`grpc.StatusCode.UNAUTHENTICATED`, ...), `code_name` its
+    name (`"UNAUTHENTICATED"`) and `details` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, call: str = ""):
+        self.code = code
+        self.code_name = code.name
+        self.details = details
+        self.call = call
+        where = f"{call}: " if call else ""
+        super().__init__(f"{where}{code.name}: {details}{_hint(code, details)}")
+
+
+def _hint(code: grpc.StatusCode, details: str) -> str:
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return " (check the token: connect(token=...), NT_TOKEN or the config file)"
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        w in details.lower() for w in ("connect", "connection", "dns", "unreachable")
+    ):
+        return " (is the coordinator up? check the endpoint)"
+    return ""
+
+
+def state_name(state: int) -> str:
+    """`RUN_STATE_SUCCEEDED` -> `succeeded`."""
+    return RunState.Name(state).removeprefix("RUN_STATE_").lower()
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A checkpoint stored by the coordinator: `key` is what a run spec names."""
+
+    key: str
+    size: int
+    sha256: str
+    dtype: str
+    tensors: int
+
+
+class Client:
+    """A connection to nt's coordinator. Every method raises [`NtError`]
+    when the coordinator refuses the call; use as a context manager or call
+    `close()`."""
+
+    def __init__(self, settings: Settings, channel: grpc.Channel):
+        self.settings = settings
+        self._channel = channel
+        self._runs = runs_pb2_grpc.RunServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {settings.token}"),) if settings.token else ()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, name: str, method: Callable[..., T], request: Any, **kw: Any) -> T:
+        try:
+            return method(request, metadata=self._metadata, **kw)
+        except grpc.RpcError as e:
+            raise NtError(e.code(), e.details() or "", name) from None
+
+    # ------------------------------------------------------------ runs
+
+    def submit(
+        self,
+        spec: Union[RunSpec, Mapping[str, Any], str, os.PathLike],
+        request_id: str = "",
+        upload: bool = True,
+    ) -> Run:
+        """Submits a run and returns it. `spec` is a run spec as `ntctl run`
+        reads it (a dict, YAML or JSON text, or the path of such a file) or
+        an `nt.v1.RunSpec` message. Member checkpoints that are local files
+        (relative to the spec file's folder) are uploaded first, unless
+        `upload` is false. With a `request_id` used before, the run it
+        created is returned instead of a new one, so retrying is safe."""
+        if isinstance(spec, RunSpec):
+            request = runs_pb2.SubmitRunRequest(spec=spec, request_id=request_id)
+        else:
+            document, folder = _spec_document(spec)
+            if upload:
+                self._upload_local_members(document, folder)
+            import yaml
+
+            request = runs_pb2.SubmitRunRequest(spec_file=yaml.safe_dump(document), request_id=request_id)
+        return self._call("SubmitRun", self._runs.SubmitRun, request).run
+
+    def get(self, run_id: str) -> Run:
+        """One run, with its tasks and report."""
+        return self._call("GetRun", self._runs.GetRun, runs_pb2.GetRunRequest(run_id=run_id))
+
+    def list(self, state: Optional[Union[int, str]] = None, page_size: int = 50) -> Iterator[Run]:
+        """Runs, newest first, fetched a page at a time; `state` filters
+        (`"succeeded"`, `"RUN_STATE_FAILED"` or the enum's number)."""
+        token = ""
+        while True:
+            page = self._call(
+                "ListRuns",
+                self._runs.ListRuns,
+                runs_pb2.ListRunsRequest(page_size=page_size, page_token=token, state=_state(state)),
+            )
+            yield from page.runs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def cancel(self, run_id: str, reason: str = "") -> Run:
+        """Cancels a run; its tasks are stopped on their workers."""
+        return self._call("CancelRun", self._runs.CancelRun, runs_pb2.CancelRunRequest(run_id=run_id, reason=reason))
+
+    def report(self, run_id: str) -> RunReport:
+        """The run's report (complete once it succeeded)."""
+        return self.get(run_id).report
+
+    def watch(self, run_id: str, after_sequence: int = 0, retries: int = 120) -> Iterator[RunEvent]:
+        """The run's events in order, each once, until it ends. A dropped
+        connection or a restarted coordinator is survived: the watch
+        resumes after the last event seen (up to `retries` failures in a
+        row, half a second apart)."""
+        after, failures = after_sequence, 0
+        while True:
+            try:
+                stream = self._runs.WatchRun(
+                    runs_pb2.WatchRunRequest(run_id=run_id, after_sequence=after), metadata=self._metadata
+                )
+                for event in stream:
+                    failures = 0
+                    if event.sequence <= after:
+                        continue
+                    after = event.sequence
+                    yield event
+            except grpc.RpcError as e:
+                # A watcher that fell behind starts again from what it saw.
+                if e.code() not in TRANSIENT + (grpc.StatusCode.DATA_LOSS,) or failures >= retries:
+                    raise NtError(e.code(), e.details() or "", "WatchRun") from None
+                failures += 1
+                time.sleep(0.5)
+            # The stream ended: done if the run is final, else watch again.
+            try:
+                if self.get(run_id).state in FINAL_STATES:
+                    return
+            except NtError as e:
+                if e.code not in TRANSIENT or failures >= retries:
+                    raise
+                failures += 1
+                time.sleep(0.5)
+
+    def wait(self, run_id: str, on_event: Optional[Callable[[RunEvent], None]] = None) -> Run:
+        """Follows the run to its end (calling `on_event` for each event)
+        and returns the final run."""
+        for event in self.watch(run_id):
+            if on_event is not None:
+                on_event(event)
+        return self.get(run_id)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def upload(self, path: Union[str, os.PathLike], arch: Optional[str] = None) -> Upload:
+        """Uploads a safetensors checkpoint through the coordinator (no
+        store credentials needed) and returns its key. The coordinator checks
+        it as a submission would (header, names, shapes and dtypes, against
+        `arch` when given: a preset name or spec JSON) before storing it."""
+        path = Path(path)
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                digest.update(block)
+
+        def chunks() -> Iterator[runs_pb2.UploadCheckpointRequest]:
+            yield runs_pb2.UploadCheckpointRequest(
+                header=runs_pb2.UploadHeader(name=path.name, size=size, arch=arch or "", sha256=digest.hexdigest())
+            )
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                    yield runs_pb2.UploadCheckpointRequest(chunk=block)
+
+        reply = self._call("UploadCheckpoint", self._runs.UploadCheckpoint, chunks())
+        return Upload(reply.key, reply.size, reply.sha256, reply.dtype, reply.tensors)
+
+    def download(self, run_id: str, model: str = "nt", dest: Union[str, os.PathLike] = ".") -> Path:
+        """Downloads one of the run's objects into the folder `dest` and
+        returns its path: `model` is a fine-tuned model by method (`"nt"`,
+        the default), `"fused/<method>"`, `"member/<i>"`, `"baseline"` or
+        `"report"` (report.json). Written to a temporary file, checked
+        against the size and SHA-256 the coordinator announces, then
+        renamed into place."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        stream = self._call(
+            "DownloadCheckpoint",
+            self._runs.DownloadCheckpoint,
+            runs_pb2.DownloadRequest(run_id=run_id, model=model),
+        )
+        target, tmp, written, digest, header = None, None, 0, hashlib.sha256(), None
+        try:
+            for part in stream:
+                if part.HasField("header"):
+                    header = part.header
+                    target = dest / os.path.basename(header.name)
+                    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+                    f = tmp.open("wb")
+                    continue
+                if header is None:
+                    raise NtError(grpc.StatusCode.DATA_LOSS, "the download sent data before its header", "DownloadCheckpoint")
+                f.write(part.chunk)
+                digest.update(part.chunk)
+                written += len(part.chunk)
+        except grpc.RpcError as e:
+            raise NtError(e.code(), e.details() or "", "DownloadCheckpoint") from None
+        finally:
+            if tmp is not None:
+                f.close()
+        if header is None or tmp is None or target is None:
+            raise NtError(grpc.StatusCode.DATA_LOSS, "the download ended without a header", "DownloadCheckpoint")
+        if written != header.size or (header.sha256 and digest.hexdigest() != header.sha256):
+            tmp.unlink(missing_ok=True)
+            raise NtError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{header.name}: received {written} bytes (sha256 {digest.hexdigest()}), "
+                f"announced {header.size} (sha256 {header.sha256})",
+                "DownloadCheckpoint",
+            )
+        os.replace(tmp, target)
+        return target
+
+    def _upload_local_members(self, document: dict, folder: Path) -> None:
+        members = document.get("members")
+        if not isinstance(members, dict):
+            return
+        refs = members.get("checkpoints")
+        if not isinstance(refs, list):
+            return
+        arch = document.get("architecture") if isinstance(document.get("architecture"), str) else None
+        for i, ref in enumerate(refs):
+            if not isinstance(ref, str) or ref.startswith(("store:", "s3://")):
+                continue
+            local = (folder / ref).expanduser()
+            if local.is_file():
+                refs[i] = self.upload(local, arch=arch).key
+
+
+def _state(state: Optional[Union[int, str]]) -> int:
+    if state is None:
+        return 0
+    if isinstance(state, int):
+        return state
+    name = state.upper()
+    if not name.startswith("RUN_STATE_"):
+        name = "RUN_STATE_" + name
+    try:
+        return RunState.Value(name)
+    except ValueError:
+        known = ", ".join(state_name(v) for v in RunState.values() if v)
+        raise ValueError(f"unknown run state `{state}` (known: {known})") from None
+
+
+def _spec_document(spec: Union[Mapping[str, Any], str, os.PathLike]) -> "tuple[dict, Path]":
+    """A run spec as a dict, and the folder its relative paths start from."""
+    import copy
+
+    import yaml
+
+    if isinstance(spec, Mapping):
+        return copy.deepcopy(dict(spec)), Path.cwd()
+    text, folder = None, Path.cwd()
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec and Path(spec).is_file()):
+        path = Path(spec)
+        text, folder = path.read_text(), path.resolve().parent
+    elif isinstance(spec, str):
+        text = spec
+    else:
+        raise TypeError(f"a run spec is a dict, YAML text, a path or an nt.v1.RunSpec, not {type(spec).__name__}")
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"the run spec is not YAML: {e}") from None
+    if not isinstance(document, dict):
+        raise ValueError("a run spec is a mapping of fields (name, data, architecture, members, ...)")
+    return document, folder
+
+
+def connect(
+    endpoint: Optional[str] = None,
+    token: Optional[str] = None,
+    tls_ca: Optional[str] = None,
+    tls_domain: Optional[str] = None,
+    timeout: float = 10.0,
+) -> Client:
+    """Connects to nt's coordinator. Unset arguments come from `NT_ENDPOINT`,
+    `NT_TOKEN`, `NT_TLS_CA` and `NT_TLS_DOMAIN`, then from ntctl's config
+    file (see `ntpy.client.config`); an `https://` endpoint uses TLS,
+    trusting `tls_ca` (else the system's roots) and verifying `tls_domain`
+    (else the endpoint's host). Waits up to `timeout` seconds for the
+    connection and raises `NtError(UNAVAILABLE)` when it fails."""
+    settings = resolve(endpoint, token, tls_ca, tls_domain)
+    options = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+    ]
+    if settings.tls:
+        ca = Path(settings.tls_ca).read_bytes() if settings.tls_ca else None
+        if settings.tls_domain:
+            options.append(("grpc.ssl_target_name_override", settings.tls_domain))
+        channel = grpc.secure_channel(settings.target, grpc.ssl_channel_credentials(root_certificates=ca), options)
+    else:
+        channel = grpc.insecure_channel(settings.target, options)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        channel.close()
+        raise NtError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"cannot reach the coordinator at {settings.endpoint} within {timeout:g} s: "
+            "connection failed (is nt-server running there? set endpoint= or NT_ENDPOINT)",
+            "connect",
+        ) from None
+    return Client(settings, channel)
