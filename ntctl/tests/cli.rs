@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use nt_proto::v1 as pb;
 use nt_testkit::cluster::{serial, Cluster, StoreKind, CLIENT_TOKEN};
 
 fn ntctl() -> Command {
@@ -128,19 +129,21 @@ async fn submit_wait_get_list_events_and_report_like_a_user() {
         "--request-id",
         "cli-1",
     ]));
-    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
-    assert_eq!(again["created"], false);
-    let run_id = again["run"]["run_id"].as_str().unwrap().to_string();
+    // JSON output is the proto3 JSON of the response message.
+    let again: pb::SubmitRunResponse = serde_json::from_str(&again).unwrap();
+    assert!(!again.created);
+    let run_id = again.run.unwrap().run_id;
 
     // get, as text and JSON.
     let got = ok(connected(&c).args(["get", &run_id]));
     assert!(got.contains("nt after fine-tuning"), "{got}");
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(connected(&c).args(["--output", "json", "get", &run_id])))
-            .unwrap();
-    assert_eq!(json["state"], "succeeded");
-    assert_eq!(json["report"]["fused"].as_array().unwrap().len(), 2);
-    assert_eq!(json["spec"]["fine_tuning"]["training"]["epochs"], 1);
+    let got = ok(connected(&c).args(["--output", "json", "get", &run_id]));
+    let json: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(json["state"], "RUN_STATE_SUCCEEDED");
+    assert_eq!(json["spec"]["fineTuning"]["training"]["epochs"], 1);
+    let got: pb::Run = serde_json::from_str(&got).unwrap();
+    assert_eq!(got.run_id, run_id);
+    assert_eq!(got.report.unwrap().fused.len(), 2);
 
     // list, events.
     let list: serde_json::Value =
@@ -150,14 +153,12 @@ async fn submit_wait_get_list_events_and_report_like_a_user() {
     let events = ok(connected(&c).args(["events", &run_id]));
     assert!(events.contains("RUN_STATE_SUCCEEDED"), "{events}");
     let json_events = ok(connected(&c).args(["--output", "json", "events", &run_id]));
-    let parsed: Vec<serde_json::Value> = json_events
+    let parsed: Vec<pb::RunEvent> = json_events
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert!(parsed.len() > 10);
-    assert!(parsed
-        .windows(2)
-        .all(|w| w[0]["sequence"].as_u64() < w[1]["sequence"].as_u64()));
+    assert!(parsed.windows(2).all(|w| w[0].sequence < w[1].sequence));
 
     // report in every format, and a plot of a chosen size.
     let md = ok(connected(&c).args(["report", &run_id, "--format", "markdown"]));
@@ -346,11 +347,10 @@ fn the_quick_start_demo_beats_the_best_member_and_loads_into_pytorch() {
         .unwrap()
         .unwrap()
         .path();
-    let report: serde_json::Value =
+    // report.json is the proto3 JSON of the RunReport message.
+    let report: pb::RunReport =
         serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
-    let nt_accuracy = report["fused"][0]["after_fine_tuning"]["accuracy"]
-        .as_f64()
-        .unwrap();
+    let nt_accuracy = report.fused[0].after_fine_tuning.as_ref().unwrap().accuracy;
     let checkpoint = run_dir.join("fine-tuned/nt.safetensors");
     let script = dir.path().join("snippet.py");
     std::fs::write(&script, readme_snippet()).unwrap();
@@ -688,36 +688,48 @@ async fn json_lines_while_waiting_end_with_the_finished_run() {
         spec.to_str().unwrap(),
         "--wait",
     ]));
-    let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
+    let lines: Vec<&str> = out.lines().collect();
     assert!(lines.len() > 10, "{out}");
     let (last, events) = lines.split_last().unwrap();
-    // Every line before the last is an event, in order.
+    // Every line before the last is an event (a sequence number, which
+    // proto3 JSON writes as a string), in order.
     assert!(
-        events.iter().all(|e| e["sequence"].as_u64().is_some()),
+        events.iter().all(|e| json(e)["sequence"].is_string()),
         "{out}"
     );
-    assert!(events
-        .windows(2)
-        .all(|w| w[0]["sequence"].as_u64() < w[1]["sequence"].as_u64()));
+    let events: Vec<pb::RunEvent> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(events.windows(2).all(|w| w[0].sequence < w[1].sequence));
     // The last is the finished run.
-    let run_id = last["run_id"].as_str().unwrap();
+    let run: pb::Run = serde_json::from_str(last).unwrap();
+    let run_id = run.run_id.as_str();
     assert!(run_id.starts_with("run-"), "{last}");
-    assert_eq!(
-        last["state"].as_str().unwrap_or_default(),
-        "succeeded",
-        "{last}"
-    );
+    assert_eq!(run.state(), pb::RunState::Succeeded, "{last}");
+    assert_eq!(json(last)["state"], "RUN_STATE_SUCCEEDED");
     // NT, OT and averaging, in the spec's order.
-    let fused = last["report"]["fused"].as_array().unwrap();
-    assert_eq!(fused.len(), 3, "{last}");
-    assert!(
-        fused[1]["method"].to_string().to_lowercase().contains("ot"),
+    let fused: Vec<_> = run
+        .report
+        .as_ref()
+        .unwrap()
+        .fused
+        .iter()
+        .map(|f| f.method())
+        .collect();
+    assert_eq!(
+        fused,
+        [
+            pb::FusionMethod::Nt,
+            pb::FusionMethod::Ot,
+            pb::FusionMethod::Average
+        ],
         "{last}"
     );
-    assert!(events.iter().all(|e| e["run_id"] == run_id), "{out}");
+    assert!(events.iter().all(|e| e.run_id == run_id), "{out}");
     // The same run as `get` shows it.
     let got = json(&ok(connected(&c).args(["--output", "json", "get", run_id])));
-    assert_eq!(&got, last);
+    assert_eq!(got, json(last));
 }
 
 /// A command running in the background, its output going to files (a
@@ -781,7 +793,7 @@ async fn cancelling_a_running_run_ends_its_watchers_with_exit_2() {
     let submitted = json(&ok(connected(&c)
         .args(["--output", "json", "submit", spec])
         .args(long)));
-    let run_id = submitted["run"]["run_id"].as_str().unwrap().to_string();
+    let run_id = submitted["run"]["runId"].as_str().unwrap().to_string();
 
     // Two followers: `watch`, and `submit --wait` of the same request id.
     let dir = tempfile::tempdir().unwrap();
@@ -800,10 +812,10 @@ async fn cancelling_a_running_run_ends_its_watchers_with_exit_2() {
     loop {
         let got = json(&ok(connected(&c).args(["--output", "json", "get", &run_id])));
         let busy = got["tasks"].as_array().unwrap().iter().any(|t| {
-            t["state"].as_str().unwrap_or_default() == "running"
+            t["state"] == "TASK_STATE_RUNNING"
                 && !t["checkpoint"].as_str().unwrap_or_default().is_empty()
         });
-        if got["state"].as_str().unwrap_or_default() == "training" && busy {
+        if got["state"] == "RUN_STATE_TRAINING" && busy {
             break;
         }
         assert!(
@@ -828,23 +840,15 @@ async fn cancelling_a_running_run_ends_its_watchers_with_exit_2() {
     assert_eq!(code, Some(2), "{err}");
     let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
     let last = lines.last().unwrap();
-    assert_eq!(last["run_id"], run_id.as_str());
-    assert_eq!(
-        last["state"].as_str().unwrap_or_default(),
-        "cancelled",
-        "{last}"
-    );
+    assert_eq!(last["runId"], run_id.as_str());
+    assert_eq!(last["state"], "RUN_STATE_CANCELLED", "{last}");
     assert!(err.contains("was cancelled"), "{err}");
 
     // get and list show it cancelled; a second cancel is refused.
     let got = ok(connected(&c).args(["get", &run_id]));
     assert!(got.contains("cancelled"), "{got}");
     let got = json(&ok(connected(&c).args(["--output", "json", "get", &run_id])));
-    assert_eq!(
-        got["state"].as_str().unwrap_or_default(),
-        "cancelled",
-        "{got}"
-    );
+    assert_eq!(got["state"], "RUN_STATE_CANCELLED", "{got}");
     assert_eq!(got["message"], "enough from the test");
     let list = json(&ok(connected(&c).args([
         "--output",
@@ -958,5 +962,5 @@ fn ctrl_c_cancels_a_local_run_and_exits_at_once() {
         .find(|p| p.exists())
         .expect("a run document");
     let doc = json(&std::fs::read_to_string(doc).unwrap());
-    assert_eq!(doc["state"], "cancelled", "{doc}");
+    assert_eq!(doc["state"], "RUN_STATE_CANCELLED", "{doc}");
 }

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use nt_proto::v1 as pb;
 use nt_testkit::cluster::serial;
 
 const SPEC: &str = r#"
@@ -64,7 +65,8 @@ fn experiment(dir: &Path, extra: &[&str]) -> (Output, String, String) {
     )
 }
 
-fn run_json(dir: &Path, name: &str) -> serde_json::Value {
+/// A saved run: the proto3 JSON of the `Run` message.
+fn saved_run(dir: &Path, name: &str) -> pb::Run {
     let text = std::fs::read_to_string(dir.join("out/runs").join(name)).unwrap();
     serde_json::from_str(&text).unwrap()
 }
@@ -103,31 +105,28 @@ fn an_experiment_repeats_the_comparison_and_aggregates_it_over_seeds() {
 
     // The smaller count fuses the first members of the larger one.
     for seed in [1, 2] {
-        let three = run_json(d, &format!("K3-seed{seed}.json"));
-        let two = run_json(d, &format!("K2-seed{seed}.json"));
-        let keys = |run: &serde_json::Value| -> Vec<String> {
-            run["report"]["members"]
-                .as_array()
-                .unwrap()
+        let three = saved_run(d, &format!("K3-seed{seed}.json"));
+        let two = saved_run(d, &format!("K2-seed{seed}.json"));
+        let keys = |run: &pb::Run| -> Vec<String> {
+            let report = run.report.as_ref().unwrap();
+            report
+                .members
                 .iter()
-                .map(|m| m["checkpoint"].as_str().unwrap().to_string())
+                .map(|m| m.checkpoint.clone())
                 .collect()
         };
         assert_eq!(keys(&three).len(), 3);
         assert_eq!(keys(&two), keys(&three)[..2]);
-        assert_eq!(three["spec"]["members"]["seeds"][0], seed * 1000);
+        let spec = three.spec.as_ref().unwrap();
+        assert_eq!(spec.members.as_ref().unwrap().seeds[0], seed * 1000);
         // Each run measured its fusions' memory and fine-tuned every variant.
-        for f in three["report"]["fused"].as_array().unwrap() {
-            assert!(f["fusion_peak_bytes"].as_u64().unwrap() > 0, "{f}");
-            assert!(
-                f["after_distilled_fine_tuning"]["accuracy"]
-                    .as_f64()
-                    .unwrap()
-                    > 0.0,
-                "{f}"
-            );
+        let report = three.report.as_ref().unwrap();
+        for f in &report.fused {
+            assert!(f.fusion_peak_bytes > 0, "{f:?}");
+            let distilled = f.after_distilled_fine_tuning.as_ref().unwrap();
+            assert!(distilled.accuracy > 0.0, "{f:?}");
         }
-        assert!(three["report"]["baseline"]["accuracy"].as_f64().unwrap() > 0.0);
+        assert!(report.baseline.as_ref().unwrap().accuracy > 0.0);
     }
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("out/summary.json")).unwrap())

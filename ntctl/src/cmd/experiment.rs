@@ -98,9 +98,12 @@ fn request_id(spec: &pb::RunSpec) -> String {
     )
 }
 
+/// A finished run saved by an earlier `ntctl experiment`: proto3 JSON, or
+/// the spelling ntctl wrote before (respelled, so reruns keep their runs).
 fn saved(path: &Path) -> Option<pb::Run> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let run: pb::Run = serde_json::from_str(&text).ok()?;
+    let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    nt_proto::legacy::respell(&mut value, "nt.v1.Run").ok()?;
+    let run: pb::Run = serde_json::from_value(value).ok()?;
     (run.state == pb::RunState::Succeeded as i32).then_some(run)
 }
 
@@ -247,6 +250,31 @@ pub async fn run(args: ExperimentArgs, connect: &ConnectArgs, output: OutputForm
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_saved_before_and_after_proto3_json_are_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        // What ntctl saved before it wrote proto3 JSON.
+        let old = dir.path().join("old.json");
+        std::fs::write(
+            &old,
+            include_str!("../../../proto/tests/fixtures/legacy/get-succeeded.json"),
+        )
+        .unwrap();
+        let run = saved(&old).unwrap();
+        assert_eq!(run.report.as_ref().unwrap().fused.len(), 2);
+        let new = dir.path().join("new.json");
+        std::fs::write(&new, serde_json::to_vec_pretty(&run).unwrap()).unwrap();
+        assert_eq!(saved(&new), Some(run));
+        // A failed run is not reused.
+        let failed = dir.path().join("failed.json");
+        std::fs::write(
+            &failed,
+            include_str!("../../../proto/tests/fixtures/legacy/get-failed.json"),
+        )
+        .unwrap();
+        assert_eq!(saved(&failed), None);
+    }
 
     #[test]
     fn smaller_counts_fuse_the_first_members_of_the_largest() {

@@ -104,17 +104,24 @@ impl RunStore {
     /// another coordinator wrote. Ours is overwritten on its new version;
     /// another writer's is a conflict.
     async fn reconcile(&self, key: &str, bytes: Bytes) -> Result<Version> {
-        #[derive(serde::Deserialize, Default)]
-        struct Writer {
-            #[serde(default)]
-            writer: String,
-            #[serde(default)]
-            epoch: u64,
-        }
         let Some((stored, version)) = self.storage.get(key).await? else {
             return Ok(self.storage.put(key, bytes).await?);
         };
-        let stored = serde_json::from_slice::<Writer>(&stored).unwrap_or_default();
+        // Read from the JSON itself, whatever the document's format (a newer
+        // coordinator's too): a 64-bit epoch is a string in proto3 JSON, a
+        // number before. A document that names neither is no writer's, at 0.
+        struct Writer {
+            writer: String,
+            epoch: u64,
+        }
+        let json: serde_json::Value = serde_json::from_slice(&stored).unwrap_or_default();
+        let stored = Writer {
+            writer: json["writer"].as_str().unwrap_or_default().to_string(),
+            epoch: match &json["epoch"] {
+                serde_json::Value::String(s) => s.parse().unwrap_or(0),
+                n => n.as_u64().unwrap_or(0),
+            },
+        };
         let epoch = self.lease.epoch();
         if stored.epoch > epoch {
             let why = format!(

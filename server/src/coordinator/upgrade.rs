@@ -1,19 +1,28 @@
-//! Reading stored run documents of every format: the current one as it is,
-//! formats 1 and 2 (which stored the wire message `pb::Run` itself with a
-//! parallel array of task records) upgraded to the current [`RunDocument`].
-//! Format 1 stored 0 for "the default synthetic noise"; format 2 made the
-//! field optional. A document written by a newer coordinator is refused
-//! rather than misread.
+//! Reading stored run documents of every format. Format 4, the current one,
+//! is the proto3 JSON of `nt.store.v1.RunDocument`. Format 3 stored the same
+//! content with serde's derives, in nt's former spelling (short enum names,
+//! `"inf"`); its JSON is respelled by the store message's descriptor
+//! ([`nt_proto::legacy`]), its tasks' work (serde's `{"kind": "train",
+//! "member": 0}`) rewritten as the message's oneof, and then read as
+//! format 4. Formats 1 and 2 stored the wire message `pb::Run` itself, in the
+//! same former spelling, with a parallel array of task records; they are
+//! respelled as `nt.v1` messages and converted. Format 1 stored 0 for "the
+//! default synthetic noise"; format 2 made the field optional. A document
+//! written by a newer coordinator is refused rather than misread.
 
+use nt_proto::legacy::respell;
+use nt_proto::store::v1 as st;
 use nt_proto::v1 as pb;
 use nt_spec::TaskWork;
 use serde::Deserialize;
+use serde_json::Value;
 
 use fusion::Method;
 
+use super::document::stored::{run_state, task_state, work_to_store};
 use super::document::{
-    CurvePoint, FusedRecord, GroupKept, Outcome, Progress, RunDocument, RunState, StoredSpec,
-    TaskRecord, TaskState, FORMAT,
+    CurvePoint, FusedRecord, GroupKept, Outcome, Progress, RunDocument, StoredSpec, TaskRecord,
+    FORMAT,
 };
 
 #[derive(Deserialize)]
@@ -53,52 +62,72 @@ struct OldRecord {
     finished_ms: Option<i64>,
 }
 
-fn run_state(s: i32) -> Result<RunState, String> {
-    Ok(match pb::RunState::try_from(s) {
-        Ok(pb::RunState::Queued) => RunState::Queued,
-        Ok(pb::RunState::Training) => RunState::Training,
-        Ok(pb::RunState::Fusing) => RunState::Fusing,
-        Ok(pb::RunState::FineTuning) => RunState::FineTuning,
-        Ok(pb::RunState::Evaluating) => RunState::Evaluating,
-        Ok(pb::RunState::Succeeded) => RunState::Succeeded,
-        Ok(pb::RunState::Failed) => RunState::Failed,
-        Ok(pb::RunState::Cancelled) => RunState::Cancelled,
-        Ok(pb::RunState::Unspecified) | Err(_) => return Err(format!("run state {s} is unknown")),
-    })
-}
-
-fn task_state(s: i32) -> Result<TaskState, String> {
-    Ok(match pb::TaskState::try_from(s) {
-        Ok(pb::TaskState::Pending) => TaskState::Pending,
-        Ok(pb::TaskState::Running) => TaskState::Running,
-        Ok(pb::TaskState::Succeeded) => TaskState::Succeeded,
-        Ok(pb::TaskState::Failed) => TaskState::Failed,
-        Ok(pb::TaskState::Cancelled) => TaskState::Cancelled,
-        Ok(pb::TaskState::Unspecified) | Err(_) => {
-            return Err(format!("task state {s} is unknown"))
-        }
-    })
-}
-
 /// Reads a stored document of any known format.
 pub fn read(bytes: &[u8]) -> Result<RunDocument, String> {
-    #[derive(Deserialize)]
-    struct Head {
-        format: u32,
-    }
-    let head: Head = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    match head.format {
-        f if f > FORMAT => Err(format!(
+    let mut value: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let format = value
+        .get("format")
+        .and_then(Value::as_u64)
+        .ok_or("no format number")?;
+    match format {
+        f if f > u64::from(FORMAT) => Err(format!(
             "written in format {f} by a newer coordinator (this one reads up to {FORMAT})"
         )),
-        FORMAT => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        _ => upgrade(bytes),
+        f if f == u64::from(FORMAT) => current(value),
+        3 => {
+            format_3(&mut value)?;
+            current(value)
+        }
+        _ => upgrade(value),
     }
+}
+
+fn current(value: Value) -> Result<RunDocument, String> {
+    let stored: st::RunDocument = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    let mut doc = RunDocument::from_store(stored)?;
+    doc.format = FORMAT;
+    Ok(doc)
+}
+
+/// A format 3 document in format 4's spelling.
+fn format_3(value: &mut Value) -> Result<(), String> {
+    for task in tasks(value) {
+        if let Some(work) = task.get_mut("work") {
+            let w: TaskWork =
+                serde_json::from_value(work.take()).map_err(|e| format!("a task's work: {e}"))?;
+            *work = serde_json::to_value(work_to_store(&w)).map_err(|e| e.to_string())?;
+        }
+    }
+    respell(value, "nt.store.v1.RunDocument")
+}
+
+fn tasks(value: &mut Value) -> impl Iterator<Item = &mut Value> {
+    value
+        .get_mut("tasks")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
 }
 
 /// Reads a format 1 or 2 document as the current one.
-fn upgrade(bytes: &[u8]) -> Result<RunDocument, String> {
-    let old: OldRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+fn upgrade(mut value: Value) -> Result<RunDocument, String> {
+    if let Some(run) = value.get_mut("run") {
+        respell(run, "nt.v1.Run")?;
+    }
+    for task in tasks(&mut value) {
+        for point in task
+            .get_mut("curve")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            respell(point, "nt.v1.CurvePoint")?;
+        }
+        if let Some(result) = task.get_mut("result") {
+            respell(result, "nt.v1.TaskResult")?;
+        }
+    }
+    let old: OldRecord = serde_json::from_value(value).map_err(|e| e.to_string())?;
     if old.tasks.len() != old.run.tasks.len() {
         return Err(format!(
             "{} task records for {} tasks",
@@ -168,46 +197,37 @@ fn upgrade(bytes: &[u8]) -> Result<RunDocument, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::document::{RunState, TaskState};
 
-    /// A format-`format` document as the first coordinator wrote it.
+    /// A format-`format` document as the first coordinators wrote it: the
+    /// wire message `pb::Run` with serde's derives (short enum names, serde's
+    /// oneofs, NaN as "NaN").
     fn old_document(format: u32, noise: Option<f64>) -> Vec<u8> {
-        let spec = pb::RunSpec {
-            architecture: Some(pb::Architecture {
-                kind: Some(pb::architecture::Kind::Preset("mlp".into())),
-            }),
-            data: Some(pb::DataSpec {
-                synthetic: Some(pb::SyntheticData {
-                    noise,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let run = pb::Run {
-            run_id: "run-1".into(),
-            spec: Some(spec),
-            state: pb::RunState::Training as i32,
-            tasks: vec![pb::TaskStatus {
-                task_id: "run-1/member-0".into(),
-                state: pb::TaskState::Running as i32,
-                attempt: 2,
-                worker_id: "w".into(),
-                checkpoint: "runs/run-1/tasks/member-0/attempt-1/epoch-3.state.safetensors".into(),
-                progress: Some(pb::TaskProgress {
-                    loss: f64::NAN,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
         serde_json::to_vec(&serde_json::json!({
             "format": format,
             "revision": 7,
-            "run": run,
+            "run": {
+                "run_id": "run-1",
+                "request_id": "",
+                "spec": {
+                    "architecture": {"kind": {"Preset": "mlp"}},
+                    "data": {"synthetic": {"noise": noise}},
+                    "fusion": ["nt"],
+                },
+                "state": "training",
+                "tasks": [{
+                    "task_id": "run-1/member-0",
+                    "kind": "train",
+                    "state": "running",
+                    "attempt": 2,
+                    "worker_id": "w",
+                    "checkpoint": "runs/run-1/tasks/member-0/attempt-1/epoch-3.state.safetensors",
+                    "progress": {"loss": "NaN", "eval_accuracy": null},
+                }],
+                "report": null,
+            },
             "tasks": [{"work": {"kind": "train", "member": 0}, "checkpoint_epoch": 3,
-                       "curve": [{"epoch": 1, "train_loss": "NaN"}]}],
+                       "curve": [{"epoch": 1, "train_loss": "NaN", "eval_loss": "inf"}]}],
             "event_sequence": 12,
         }))
         .unwrap()
@@ -249,6 +269,7 @@ mod tests {
             .ends_with("epoch-3.state.safetensors"));
         assert!(t.progress.as_ref().unwrap().loss.is_nan());
         assert!(t.curve[0].train_loss.is_nan());
+        assert_eq!(t.curve[0].eval_loss, f64::INFINITY);
         let again = read(&doc.to_json().unwrap()).unwrap();
         assert_eq!(again.tasks.len(), 1);
         assert_eq!(again.spec, doc.spec);

@@ -4,6 +4,7 @@
 
 mod checkpoints;
 mod compare;
+mod documents;
 mod events;
 mod failing_store;
 mod lease;
