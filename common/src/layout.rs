@@ -13,6 +13,7 @@
 //! requests/<hex of the request id>.json              idempotency: request id -> run id
 //! coordinator/lease.json                             the store lease: which coordinator writes
 //! cache/data/<sha256>.safetensors                    decoded image folders, by source listing and transform
+//! uploads/sha256/<sha256>.safetensors                checkpoints uploaded through the service, by content
 //! ```
 
 pub fn run_prefix(run: &str) -> String {
@@ -63,6 +64,12 @@ pub fn attempt_model(prefix: &str) -> String {
 /// A decoded image folder; `digest` hashes its listing and transform.
 pub fn data_cache(digest: &str) -> String {
     format!("cache/data/{digest}.safetensors")
+}
+
+/// A checkpoint uploaded through the service, named by the SHA-256 of its
+/// bytes (64 lowercase hex digits): the same bytes always get the same key.
+pub fn upload(sha256_hex: &str) -> String {
+    format!("uploads/sha256/{sha256_hex}.safetensors")
 }
 
 /// The store lease: which coordinator may write to this store.

@@ -1,5 +1,6 @@
 //! The coordinator's configuration: every flag also reads an `NT_…` variable.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
@@ -8,6 +9,7 @@ use nt_common::tls::ServerTlsArgs;
 use nt_common::StorageArgs;
 use nt_spec::Limits;
 
+use crate::coordinator::transfer::TransferConfig;
 use crate::coordinator::CoordinatorConfig;
 
 /// Scheduler timings.
@@ -72,6 +74,33 @@ impl SchedulerArgs {
     }
 }
 
+/// Checkpoints uploaded through the service (`UploadCheckpoint`).
+#[derive(Args, Clone, Debug)]
+pub struct TransferArgs {
+    /// Largest checkpoint one upload may carry, in bytes.
+    #[arg(long, env = "NT_MAX_UPLOAD_BYTES", default_value_t = TransferConfig::default().max_upload_bytes)]
+    pub max_upload_bytes: u64,
+    /// Folder for the temporary files of large uploads that declare no
+    /// SHA-256 (removed when the upload ends); default: the system's
+    /// temporary folder ($TMPDIR, else /tmp).
+    #[arg(long, env = "NT_UPLOAD_DIR")]
+    pub upload_dir: Option<PathBuf>,
+    /// Uploads received at once; more wait their turn.
+    #[arg(long, env = "NT_MAX_CONCURRENT_UPLOADS", default_value_t = TransferConfig::default().max_concurrent_uploads)]
+    pub max_concurrent_uploads: usize,
+}
+
+impl TransferArgs {
+    pub fn config(&self) -> TransferConfig {
+        let default = TransferConfig::default();
+        TransferConfig {
+            max_upload_bytes: self.max_upload_bytes,
+            upload_dir: self.upload_dir.clone().unwrap_or(default.upload_dir),
+            max_concurrent_uploads: self.max_concurrent_uploads.max(1),
+        }
+    }
+}
+
 /// `nt-server`: the coordinator.
 #[derive(Parser, Clone, Debug)]
 #[command(
@@ -107,6 +136,8 @@ pub struct ServerArgs {
     pub max_message_bytes: usize,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
     #[command(flatten)]
     pub storage: StorageArgs,
     #[command(flatten)]

@@ -20,6 +20,13 @@ pub enum CoordinatorError {
     /// The object store or the coordinator is not available right now.
     #[error("{0}")]
     Unavailable(String),
+    /// A request over a configured ceiling (an upload over --max-upload-bytes).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A client's request stream broke (a message over --max-message-bytes,
+    /// a reset: passed on with tonic's code) or stalled (`DEADLINE_EXCEEDED`).
+    #[error("{1}")]
+    RequestStream(Code, String),
     /// A bug or an unexpected state.
     #[error("{0}")]
     Internal(String),
@@ -34,6 +41,8 @@ impl CoordinatorError {
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordinatorError::Unavailable(_) => Code::Unavailable,
+            CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::RequestStream(code, _) => *code,
             CoordinatorError::Internal(_) => Code::Internal,
         }
     }

@@ -1,24 +1,36 @@
 //! Thin tonic adapters: extract the request, call the coordinator through
 //! [`RunApi`] / [`WorkerApi`], convert the result. No logic lives here;
 //! authentication and timing are one [`layer`] around each service.
+//! `UploadCheckpoint` and `DownloadCheckpoint` call [`TransferApi`] (their
+//! message conversions are in [`transfer`]).
 
 pub mod layer;
+pub mod transfer;
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nt_proto::tonic::{self, Request, Response, Status};
+use nt_proto::tonic::{self, Request, Response, Status, Streaming};
 use nt_proto::v1 as pb;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::{Stream, StreamExt};
 
+use crate::coordinator::transfer::{TransferApi, Transfers};
 use crate::coordinator::{Coordinator, RunApi, WorkerApi};
 
 /// `nt.v1.RunService`'s methods, as its proto names them: the `method`
 /// labels of `nt_rpc_duration_seconds`.
-pub const RUN_METHODS: &[&str] = &["SubmitRun", "GetRun", "ListRuns", "WatchRun", "CancelRun"];
+pub const RUN_METHODS: &[&str] = &[
+    "SubmitRun",
+    "GetRun",
+    "ListRuns",
+    "WatchRun",
+    "CancelRun",
+    "UploadCheckpoint",
+    "DownloadCheckpoint",
+];
 
 /// `nt.v1.WorkerService`'s methods, as its proto names them.
 pub const WORKER_METHODS: &[&str] = &[
@@ -32,6 +44,8 @@ pub const WORKER_METHODS: &[&str] = &[
 
 pub struct RunService {
     pub coordinator: Arc<Coordinator>,
+    /// Checkpoint uploads and downloads.
+    pub transfers: Arc<Transfers>,
     /// Ends live watches on shutdown, so open streams do not hold it up.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -114,6 +128,26 @@ impl pb::run_service_server::RunService for RunService {
         Ok(Response::new(
             self.coordinator.cancel(&r.run_id, &r.reason).await?,
         ))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<pb::UploadCheckpointRequest>>,
+    ) -> Result<Response<pb::UploadCheckpointResponse>, Status> {
+        let (header, data) = transfer::split_upload(req.into_inner()).await?;
+        let uploaded = self.transfers.upload(header, data).await?;
+        Ok(Response::new(transfer::uploaded(uploaded)))
+    }
+
+    type DownloadCheckpointStream = transfer::DownloadStream;
+
+    async fn download_checkpoint(
+        &self,
+        req: Request<pb::DownloadCheckpointRequest>,
+    ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
+        let r = req.into_inner();
+        let download = self.transfers.download(&r.run_id, &r.model).await?;
+        Ok(Response::new(transfer::download_stream(download)))
     }
 }
 

@@ -20,6 +20,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ServerArgs;
+use coordinator::transfer::Transfers;
 use coordinator::Coordinator;
 use metrics::Metrics;
 
@@ -45,9 +46,11 @@ pub async fn serve(
     // Each nt service sits behind one layer: timing, then the bearer token,
     // then tonic's decoding (OUT_OF_RANGE over --max-message-bytes).
     let rpc_duration = coordinator.metrics().rpc_duration.clone();
+    let transfers = Arc::new(Transfers::new(coordinator.clone(), args.transfer.config())?);
     let run_service = grpc::layer::guard(
         pb::run_service_server::RunServiceServer::new(grpc::RunService {
             coordinator: coordinator.clone(),
+            transfers,
             shutdown: shutdown.clone(),
         })
         .max_decoding_message_size(args.max_message_bytes),
@@ -87,7 +90,14 @@ pub async fn serve(
             shutdown.clone(),
         ));
     }
-    let mut builder = Server::builder();
+    // Checkpoints stream through UploadCheckpoint in 1 MiB messages: windows
+    // of several messages keep a client from waiting for WINDOW_UPDATEs,
+    // and frames of a whole message save framing (what a connection may
+    // hold unread is bounded by the windows).
+    let mut builder = Server::builder()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(2 * HTTP2_STREAM_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME);
     if let Some(tls) = args.tls.config()? {
         builder = builder.tls_config(tls)?;
     }
@@ -135,6 +145,11 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// HTTP/2 flow-control window of one call, in bytes (the connection's is twice it).
+const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
+/// Largest HTTP/2 frame the server accepts: one upload message and its framing.
+const HTTP2_MAX_FRAME: u32 = (1 << 20) + 1024;
 
 /// How long a shutdown waits for open connections.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -98,16 +98,16 @@ async fn check_file(
 /// What a safetensors header says: each tensor's stored dtype and shape,
 /// the string metadata, and the precision of its float tensors with the
 /// first such tensor's name.
-struct Header {
-    tensors: BTreeMap<String, (Dtype, Vec<usize>)>,
-    metadata: HashMap<String, String>,
-    precision: Option<(Precision, String)>,
+pub(super) struct Header {
+    pub(super) tensors: BTreeMap<String, (Dtype, Vec<usize>)>,
+    pub(super) metadata: HashMap<String, String>,
+    pub(super) precision: Option<(Precision, String)>,
 }
 
 /// Parses the header of a file of `size` bytes, checking what loading
 /// would: byte ranges contiguous (the parser's check) and ending exactly at
 /// the end of the file, only dtypes nt reads, one float precision.
-fn parse_header(source: &str, header: &[u8], size: u64) -> Result<Header, String> {
+pub(super) fn parse_header(source: &str, header: &[u8], size: u64) -> Result<Header, String> {
     let corrupt = |why: String| {
         format!("checkpoint {source}: not a valid safetensors file ({size} bytes): {why}")
     };

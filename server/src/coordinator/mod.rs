@@ -15,7 +15,9 @@
 //! * [`fusion_step`]: reads the members, fuses them on a blocking thread and
 //!   stores the fused models;
 //! * [`checkpoints`]: existing member checkpoints in the store (one file or
-//!   sharded): checked at submission from their headers, read for fusion.
+//!   sharded): checked at submission from their headers, read for fusion;
+//! * [`transfer`]: checkpoints through the service: uploads checked and
+//!   stored by content, a run's models and report streamed back.
 
 mod api;
 pub mod checkpoints;
@@ -28,6 +30,7 @@ pub mod scheduler;
 mod service;
 pub mod store;
 mod task_plans;
+pub mod transfer;
 mod upgrade;
 pub mod wire;
 mod worker_api;

@@ -154,6 +154,18 @@ mod tests {
                     .await
                     .map(drop),
             ),
+            (
+                "UploadCheckpoint",
+                c.upload_checkpoint(tokio_stream::iter([pb::UploadCheckpointRequest::default()]))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "DownloadCheckpoint",
+                c.download_checkpoint(pb::DownloadCheckpointRequest::default())
+                    .await
+                    .map(drop),
+            ),
         ]
     }
 
