@@ -1,5 +1,6 @@
 //! The Rust client of nt: connect to a coordinator and call its run
-//! service. `ntctl` is built on it; other programs can use it the same way.
+//! service, and move checkpoints through it ([`transfer`]). `ntctl` is
+//! built on it; other programs can use it the same way.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -14,6 +15,7 @@ pub mod experiment;
 pub mod follow;
 pub mod report;
 pub mod specfile;
+pub mod transfer;
 
 use std::time::Duration;
 
@@ -74,7 +76,12 @@ pub async fn connect(args: &ConnectArgs) -> Result<RunClient> {
                 args.endpoint
             )
         })?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // Checkpoint downloads stream 1 MiB messages: a window of several
+        // keeps the server sending, and frames of a whole message save framing.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size((1 << 20) + 1024);
     if args.endpoint.starts_with("https://") {
         endpoint = endpoint.tls_config(args.tls.config()?)?;
     }

@@ -1,7 +1,8 @@
 //! `ntctl`: the command line of nt. `submit`, `watch`, `get`, `list`,
-//! `cancel`, `events` and `report` talk to a coordinator; `run --local`
-//! runs a spec with an in-process coordinator and worker; `fuse`, `train`,
-//! `eval` and `arch` work on local files without any server.
+//! `cancel`, `events`, `report`, `upload` and `download` talk to a
+//! coordinator; `run --local` runs a spec with an in-process coordinator
+//! and worker; `fuse`, `train`, `eval` and `arch` work on local files
+//! without any server.
 
 mod cmd;
 mod output;
@@ -54,7 +55,8 @@ enum Command {
     /// Repeat a run spec over seeds and member counts and aggregate the
     /// comparison (mean and standard deviation, curves with bands).
     Experiment(Box<cmd::experiment::ExperimentArgs>),
-    /// Submit a run spec to a coordinator (--wait to follow it to its end).
+    /// Submit a run spec to a coordinator (--wait to follow it to its end);
+    /// member checkpoints that are local files are uploaded first.
     Submit(Box<cmd::remote::SubmitArgs>),
     /// Follow a run with progress bars until it ends, then print its report.
     Watch(cmd::remote::RunIdArgs),
@@ -68,6 +70,10 @@ enum Command {
     Events(cmd::remote::EventsArgs),
     /// A run's report as text, Markdown, JSON or CSV, and its curves as a PNG.
     Report(cmd::remote::ReportArgs),
+    /// Upload checkpoints through the coordinator; prints the keys a run spec can name.
+    Upload(cmd::transfer::UploadArgs),
+    /// Download a run's models or report through the coordinator.
+    Download(cmd::transfer::DownloadArgs),
     /// Fuse member checkpoints into one model (offline, no server).
     Fuse(cmd::fuse::FuseArgs),
     /// Train a member, or fine-tune a fused model with --init (offline).
@@ -106,6 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel(args) => runtime()?.block_on(cmd::remote::cancel(args, &connect, output)),
         Command::Events(args) => runtime()?.block_on(cmd::remote::events(args, &connect, output)),
         Command::Report(args) => runtime()?.block_on(cmd::remote::report(args, &connect, output)),
+        Command::Upload(args) => runtime()?.block_on(cmd::transfer::upload(args, &connect, output)),
+        Command::Download(args) => {
+            runtime()?.block_on(cmd::transfer::download(args, &connect, output))
+        }
     }
 }
 

@@ -7,3 +7,4 @@ pub mod progress;
 pub mod remote;
 pub mod run_local;
 pub mod train;
+pub mod transfer;

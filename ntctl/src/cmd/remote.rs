@@ -1,9 +1,9 @@
 //! The verbs that talk to a coordinator: submit, watch, get, list, cancel,
-//! events, report.
+//! events, report (upload and download are in `transfer.rs`).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use nt_client::{pb, report, specfile, ConnectArgs, RunClient};
 use serde::Serialize;
@@ -262,19 +262,10 @@ pub async fn submit(
     connect_args: &ConnectArgs,
     output: OutputFormat,
 ) -> Result<()> {
-    let spec = load_spec(&args.spec, &args.overrides)?;
-    if let Some(m) = &spec.members {
-        for c in &m.checkpoints {
-            if Path::new(c).is_file() && !c.starts_with("store:") {
-                bail!(
-                    "member checkpoint `{c}` is a local file: upload it to the service's object store and give its key, \
-                     or run the spec locally with `ntctl run {} --local`",
-                    args.spec.display()
-                );
-            }
-        }
-    }
+    let mut spec = load_spec(&args.spec, &args.overrides)?;
     let mut client = connect(connect_args).await?;
+    // Member checkpoints that are local files go through the service first.
+    super::transfer::upload_local_members(&mut client, &mut spec).await?;
     let response = submit_spec(&mut client, spec, args.request_id).await?;
     let run = response.run.clone().unwrap_or_default();
     if !args.wait {
