@@ -71,6 +71,7 @@ pub fn request_seeds(root: &Path) -> std::io::Result<Vec<(String, Vec<u8>)>> {
             let request = nt_proto::v1::SubmitRunRequest {
                 spec: Some(spec),
                 request_id: format!("seed-{stem}"),
+                spec_file: String::new(),
             };
             out.push((format!("seed-{stem}.pb"), request.encode_to_vec()));
         }

@@ -148,8 +148,9 @@ async fn submit_wait_get_list_events_and_report_like_a_user() {
     // list, events.
     let list: serde_json::Value =
         serde_json::from_str(&ok(connected(&c).args(["--output", "json", "list"]))).unwrap();
-    assert_eq!(list["runs"][0]["run_id"], run_id.as_str());
-    assert_eq!(list["runs"][0]["state"], "succeeded");
+    assert_eq!(list["runs"][0]["runId"], run_id.as_str());
+    assert_eq!(list["runs"][0]["state"], "RUN_STATE_SUCCEEDED");
+    let _: pb::ListRunsResponse = serde_json::from_value(list).unwrap();
     let events = ok(connected(&c).args(["events", &run_id]));
     assert!(events.contains("RUN_STATE_SUCCEEDED"), "{events}");
     let json_events = ok(connected(&c).args(["--output", "json", "events", &run_id]));
@@ -169,11 +170,12 @@ async fn submit_wait_get_list_events_and_report_like_a_user() {
         Some("model,accuracy,loss,parameters,checkpoint")
     );
     assert_eq!(csv.lines().count(), 8);
-    let rep: serde_json::Value = serde_json::from_str(&ok(
+    // The RunReport message, as report.json in the store.
+    let rep: pb::RunReport = serde_json::from_str(&ok(
         connected(&c).args(["report", &run_id, "--format", "json"])
     ))
     .unwrap();
-    assert_eq!(rep["rows"].as_array().unwrap().len(), 7);
+    assert_eq!(rep.fused.len(), 2);
     let small = dir.path().join("small.png");
     ok(connected(&c).args([
         "report",
@@ -857,8 +859,8 @@ async fn cancelling_a_running_run_ends_its_watchers_with_exit_2() {
         "--state",
         "cancelled",
     ])));
-    assert_eq!(list["runs"][0]["run_id"], run_id.as_str());
-    assert_eq!(list["runs"][0]["state"], "cancelled");
+    assert_eq!(list["runs"][0]["runId"], run_id.as_str());
+    assert_eq!(list["runs"][0]["state"], "RUN_STATE_CANCELLED");
     let (code, err) = fails(connected(&c).args(["cancel", &run_id]));
     assert_eq!(code, Some(1));
     assert!(err.contains("already cancelled"), "{err}");

@@ -243,13 +243,6 @@ def test_the_stored_report_and_run_document_parse(outputs):
     assert spec["compare"] == {"distillation": True, "baseline": True}
 
 
-# `list` and `report --output json` print ntctl's own summaries until
-# ntctl/src/cmd/remote.rs prints the messages (issue 13); strict, so these
-# fail once they pass and the marks must go.
-NOT_YET = pytest.mark.xfail(strict=True, reason="ntctl list/report print their own JSON (remote.rs)")
-
-
-@NOT_YET
 def test_ntctl_list_is_a_list_runs_response(outputs):
     d = outputs["dir"]
     [page] = parse(outputs["stubs"], "nt.v1.ListRunsResponse", str(d / "list.json"))
@@ -257,7 +250,6 @@ def test_ntctl_list_is_a_list_runs_response(outputs):
     assert {r["runId"] for r in page["runs"]} == {outputs["run_id"], outputs["diverged_id"]}
 
 
-@NOT_YET
 def test_ntctl_report_is_the_run_report(outputs):
     d = outputs["dir"]
     [report] = parse(outputs["stubs"], "nt.v1.RunReport", str(d / "report.json"))

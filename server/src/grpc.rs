@@ -69,9 +69,16 @@ impl pb::run_service_server::RunService for RunService {
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let r = req.into_inner();
-        let spec = r
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let spec = match (r.spec, r.spec_file.is_empty()) {
+            (Some(spec), true) => spec,
+            (None, false) => spec_from_file(&r.spec_file)?,
+            (Some(_), false) => {
+                return Err(Status::invalid_argument(
+                    "spec and spec_file: give one of them, not both",
+                ))
+            }
+            (None, true) => return Err(Status::invalid_argument("spec: missing")),
+        };
         let (run, created) = self.coordinator.submit(spec, r.request_id).await?;
         Ok(Response::new(pb::SubmitRunResponse {
             run: Some(run),
@@ -149,6 +156,19 @@ impl pb::run_service_server::RunService for RunService {
         let download = self.transfers.download(&r.run_id, &r.model).await?;
         Ok(Response::new(transfer::download_stream(download)))
     }
+}
+
+/// A run spec file's wire message, converted as ntctl converts it; every
+/// error names the field (`spec_file: members.count: ...`).
+fn spec_from_file(text: &str) -> Result<pb::RunSpec, Status> {
+    let bad = |e: nt_spec::SpecError| Status::invalid_argument(format!("spec_file: {e}"));
+    let file = nt_spec::file::RunSpecFile::from_yaml(text).map_err(bad)?;
+    if let nt_spec::file::ArchitectureFile::File(path) = &file.architecture {
+        return Err(Status::invalid_argument(format!(
+            "spec_file: architecture.file: `{path}` is a file on the client; inline it as architecture: {{spec: ...}}"
+        )));
+    }
+    file.to_proto(std::path::Path::new("")).map_err(bad)
 }
 
 pub struct WorkerService {

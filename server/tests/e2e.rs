@@ -420,6 +420,7 @@ async fn bad_input_over_the_wire_is_refused_with_a_clear_code_and_changes_nothin
     let submit = |spec: pb::RunSpec| pb::SubmitRunRequest {
         spec: Some(spec),
         request_id: String::new(),
+        spec_file: String::new(),
     };
     let existing = |keys: &[&str]| {
         let mut s = small_spec(1, 1000);
@@ -1108,6 +1109,7 @@ async fn tls_clients_and_workers(c: &mut Cluster, ca: &Path) {
         .submit_run(pb::SubmitRunRequest {
             spec: Some(small_spec(1, 1000)),
             request_id: String::new(),
+            spec_file: String::new(),
         })
         .await
         .unwrap()
@@ -1328,6 +1330,7 @@ async fn an_unreadable_run_document_is_skipped_and_never_overwritten() {
         .submit_run(pb::SubmitRunRequest {
             spec: Some(small_spec(1, 1000)),
             request_id: "req-broken".into(),
+            spec_file: String::new(),
         })
         .await
         .unwrap_err();

@@ -202,6 +202,7 @@ async fn mixed_dtypes_and_a_missing_shard_are_refused_at_submission_by_name() {
     let request = |keys: &[&str]| pb::SubmitRunRequest {
         spec: Some(spec(keys)),
         request_id: String::new(),
+        spec_file: String::new(),
     };
 
     let e = client

@@ -591,6 +591,7 @@ pub async fn submit(
         .submit_run(pb::SubmitRunRequest {
             spec: Some(spec),
             request_id: request_id.into(),
+            spec_file: String::new(),
         })
         .await
         .unwrap_or_else(|s| panic!("submit failed: {s:?}\n{}", cluster.logs()))

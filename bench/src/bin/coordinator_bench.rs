@@ -97,6 +97,7 @@ async fn main() -> Result<()> {
             .submit_run(pb::SubmitRunRequest {
                 spec: Some(small_spec(1, 1000)),
                 request_id: String::new(),
+                spec_file: String::new(),
             })
             .await?
             .into_inner()
@@ -136,6 +137,7 @@ async fn main() -> Result<()> {
             .submit_run(pb::SubmitRunRequest {
                 spec: Some(spec),
                 request_id: String::new(),
+                spec_file: String::new(),
             })
             .await?;
         queued += count.max(2) as usize;

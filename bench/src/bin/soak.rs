@@ -267,6 +267,7 @@ async fn main() -> Result<()> {
                         client.submit_run(pb::SubmitRunRequest {
                             spec: Some(spec),
                             request_id: format!("soak-{i}"),
+                            spec_file: String::new(),
                         }),
                     )
                     .await;

@@ -165,6 +165,7 @@ async fn through_the_service(
             .submit_run(pb::SubmitRunRequest {
                 spec: Some(spec),
                 request_id: String::new(),
+                spec_file: String::new(),
             })
             .await?
             .into_inner()

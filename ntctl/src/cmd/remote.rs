@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use nt_client::{pb, report, specfile, ConnectArgs, RunClient};
-use serde::Serialize;
 
 use super::progress::Display;
 use crate::output::{print_json, Exit, OutputFormat};
@@ -223,6 +222,7 @@ pub async fn submit_spec(
         .submit_run(pb::SubmitRunRequest {
             spec: Some(spec),
             request_id: request_id.unwrap_or_default(),
+            spec_file: String::new(),
         })
         .await
         .map_err(|s| grpc("submitting the run", s))?
@@ -374,12 +374,10 @@ pub struct ListArgs {
     page_token: String,
 }
 
-#[derive(Serialize)]
 struct RunLine {
     run_id: String,
     name: String,
     state: String,
-    created_unix_ms: i64,
     tasks: usize,
     fine_tuned_accuracy: Option<f64>,
 }
@@ -411,15 +409,13 @@ pub async fn list(args: ListArgs, connect_args: &ConnectArgs, output: OutputForm
             run_id: r.run_id.clone(),
             name: r.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
             state: nt_proto::enum_names::run_state::name(r.state).unwrap_or_default(),
-            created_unix_ms: r.created_unix_ms,
             tasks: r.tasks.len(),
             fine_tuned_accuracy: report::fine_tuned_accuracy(r, None),
         })
         .collect();
     match output {
-        OutputFormat::Json => print_json(
-            &serde_json::json!({ "runs": lines, "next_page_token": page.next_page_token }),
-        )?,
+        // The ListRunsResponse itself, in proto3 JSON.
+        OutputFormat::Json => print_json(&page)?,
         OutputFormat::Text => {
             println!(
                 "{:<30} {:<24} {:<12} {:>5} {:>9}",
@@ -598,11 +594,8 @@ pub async fn report(
         ReportFormat::Text => print!("{}", report::text(&run)),
         ReportFormat::Markdown => print!("{}", report::markdown(&run)),
         ReportFormat::Csv => print!("{}", report::csv(&run)),
-        ReportFormat::Json => print_json(&serde_json::json!({
-            "run_id": run.run_id,
-            "rows": report::rows(&run),
-            "report": run.report,
-        }))?,
+        // The RunReport message in proto3 JSON, as report.json in the store.
+        ReportFormat::Json => print_json(&run.report.clone().unwrap_or_default())?,
     }
     if let Some(p) = &args.plot {
         let (w, h) = args

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class Client:
             request = runs_pb2.SubmitRunRequest(spec=spec, request_id=request_id)
         else:
             document, folder = _spec_document(spec)
+            _inline_architecture(document, folder)
             if upload:
                 self._upload_local_members(document, folder)
             import yaml
@@ -190,72 +192,83 @@ class Client:
 
     # ------------------------------------------------------------ checkpoints
 
-    def upload(self, path: Union[str, os.PathLike], arch: Optional[str] = None) -> Upload:
+    def upload(self, path: Union[str, os.PathLike], arch: Union[None, str, Mapping[str, Any]] = None) -> Upload:
         """Uploads a safetensors checkpoint through the coordinator (no
-        store credentials needed) and returns its key. The coordinator checks
-        it as a submission would (header, names, shapes and dtypes, against
-        `arch` when given: a preset name or spec JSON) before storing it."""
+        store credentials needed) and returns where it was stored: name
+        `Upload.key` in a run spec's `members.checkpoints`. The coordinator
+        checks the file as a submission would (header, sizes, dtypes, and
+        names and shapes against `arch`: a preset name, an nt.arch/v1 spec
+        as a dict or JSON text, else the one the file records) before it
+        stores anything; the key is content-addressed, so uploading the same
+        bytes twice gives the same key."""
         path = Path(path)
         size = path.stat().st_size
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(CHUNK_BYTES), b""):
                 digest.update(block)
+        header = runs_pb2.UploadHeader(file_name=path.name, size=size, sha256=digest.hexdigest())
+        if isinstance(arch, Mapping):
+            header.architecture.spec_json = json.dumps(arch)
+        elif isinstance(arch, str) and arch.lstrip().startswith("{"):
+            header.architecture.spec_json = arch
+        elif isinstance(arch, str):
+            header.architecture.preset = arch
 
-        def chunks() -> Iterator[runs_pb2.UploadCheckpointRequest]:
-            yield runs_pb2.UploadCheckpointRequest(
-                header=runs_pb2.UploadHeader(name=path.name, size=size, arch=arch or "", sha256=digest.hexdigest())
-            )
+        def messages() -> Iterator[runs_pb2.UploadCheckpointRequest]:
+            yield runs_pb2.UploadCheckpointRequest(header=header)
             with path.open("rb") as f:
                 for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                    yield runs_pb2.UploadCheckpointRequest(chunk=block)
+                    yield runs_pb2.UploadCheckpointRequest(data=block)
 
-        reply = self._call("UploadCheckpoint", self._runs.UploadCheckpoint, chunks())
+        reply = self._call("UploadCheckpoint", self._runs.UploadCheckpoint, messages())
         return Upload(reply.key, reply.size, reply.sha256, reply.dtype, reply.tensors)
 
-    def download(self, run_id: str, model: str = "nt", dest: Union[str, os.PathLike] = ".") -> Path:
+    def download(self, run_id: str, model: str = "", dest: Union[str, os.PathLike] = ".") -> Path:
         """Downloads one of the run's objects into the folder `dest` and
-        returns its path: `model` is a fine-tuned model by method (`"nt"`,
-        the default), `"fused/<method>"`, `"member/<i>"`, `"baseline"` or
-        `"report"` (report.json). Written to a temporary file, checked
-        against the size and SHA-256 the coordinator announces, then
-        renamed into place."""
+        returns its path. `model`: `""` (the first fusion method's model
+        after fine-tuning), a method (`"nt"`: its fine-tuned model),
+        `"fused/<method>"`, `"fine-tuned/<method>"`, `"member/<i>"`,
+        `"baseline"` or `"report"` (report.json). The bytes go to a
+        temporary file, are checked against the size and SHA-256 the
+        coordinator sends, and only then renamed into place."""
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
-        stream = self._call(
-            "DownloadCheckpoint",
-            self._runs.DownloadCheckpoint,
-            runs_pb2.DownloadRequest(run_id=run_id, model=model),
-        )
-        target, tmp, written, digest, header = None, None, 0, hashlib.sha256(), None
+        request = runs_pb2.DownloadCheckpointRequest(run_id=run_id, model=model)
+        info, tmp, out, written, digest, sent = None, None, None, 0, hashlib.sha256(), None
         try:
-            for part in stream:
-                if part.HasField("header"):
-                    header = part.header
-                    target = dest / os.path.basename(header.name)
-                    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
-                    f = tmp.open("wb")
-                    continue
-                if header is None:
-                    raise NtError(grpc.StatusCode.DATA_LOSS, "the download sent data before its header", "DownloadCheckpoint")
-                f.write(part.chunk)
-                digest.update(part.chunk)
-                written += len(part.chunk)
+            for part in self._runs.DownloadCheckpoint(request, metadata=self._metadata):
+                kind = part.WhichOneof("part")
+                if kind == "info" and info is None:
+                    info = part.info
+                    tmp = dest / f".{os.path.basename(info.file_name)}.part-{os.getpid()}"
+                    out = tmp.open("wb")
+                elif kind == "data" and out is not None:
+                    out.write(part.data)
+                    digest.update(part.data)
+                    written += len(part.data)
+                elif kind == "end" and out is not None:
+                    sent = part.end.sha256
+                else:
+                    raise NtError(grpc.StatusCode.DATA_LOSS, f"unexpected `{kind}` message", "DownloadCheckpoint")
         except grpc.RpcError as e:
+            _discard(out, tmp)
             raise NtError(e.code(), e.details() or "", "DownloadCheckpoint") from None
-        finally:
-            if tmp is not None:
-                f.close()
-        if header is None or tmp is None or target is None:
-            raise NtError(grpc.StatusCode.DATA_LOSS, "the download ended without a header", "DownloadCheckpoint")
-        if written != header.size or (header.sha256 and digest.hexdigest() != header.sha256):
+        except BaseException:
+            _discard(out, tmp)
+            raise
+        if out is None or info is None or tmp is None:
+            raise NtError(grpc.StatusCode.DATA_LOSS, "the download sent nothing", "DownloadCheckpoint")
+        out.close()
+        if sent is None or written != info.size or digest.hexdigest() != sent:
             tmp.unlink(missing_ok=True)
             raise NtError(
                 grpc.StatusCode.DATA_LOSS,
-                f"{header.name}: received {written} bytes (sha256 {digest.hexdigest()}), "
-                f"announced {header.size} (sha256 {header.sha256})",
+                f"{info.file_name}: received {written} bytes with SHA-256 {digest.hexdigest()}; "
+                f"the coordinator sent {info.size} with {sent or 'no SHA-256'}",
                 "DownloadCheckpoint",
             )
+        target = dest / os.path.basename(info.file_name)
         os.replace(tmp, target)
         return target
 
@@ -266,13 +279,34 @@ class Client:
         refs = members.get("checkpoints")
         if not isinstance(refs, list):
             return
-        arch = document.get("architecture") if isinstance(document.get("architecture"), str) else None
+        arch = document.get("architecture")
+        if isinstance(arch, dict):
+            arch = arch.get("spec") or arch.get("preset")
         for i, ref in enumerate(refs):
             if not isinstance(ref, str) or ref.startswith(("store:", "s3://")):
                 continue
             local = (folder / ref).expanduser()
             if local.is_file():
                 refs[i] = self.upload(local, arch=arch).key
+
+
+def _discard(out: Any, tmp: Optional[Path]) -> None:
+    if out is not None:
+        out.close()
+    if tmp is not None:
+        tmp.unlink(missing_ok=True)
+
+
+def _inline_architecture(document: dict, folder: Path) -> None:
+    """`architecture: {file: x.json}` names a file on this machine: the
+    coordinator cannot read it, so its spec goes in the document."""
+    arch = document.get("architecture")
+    if isinstance(arch, dict) and list(arch) == ["file"] and isinstance(arch["file"], str):
+        path = (folder / arch["file"]).expanduser()
+        try:
+            document["architecture"] = {"spec": json.loads(path.read_text())}
+        except (OSError, ValueError) as e:
+            raise ValueError(f"architecture.file: {path}: {e}") from None
 
 
 def _state(state: Optional[Union[int, str]]) -> int:

@@ -57,12 +57,14 @@ TASK_STATE_FAILED: TaskState
 TASK_STATE_CANCELLED: TaskState
 
 class SubmitRunRequest(_message.Message):
-    __slots__ = ("spec", "request_id")
+    __slots__ = ("spec", "request_id", "spec_file")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FILE_FIELD_NUMBER: _ClassVar[int]
     spec: _spec_pb2.RunSpec
     request_id: str
-    def __init__(self, spec: _Optional[_Union[_spec_pb2.RunSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    spec_file: str
+    def __init__(self, spec: _Optional[_Union[_spec_pb2.RunSpec, _Mapping]] = ..., request_id: _Optional[str] = ..., spec_file: _Optional[str] = ...) -> None: ...
 
 class SubmitRunResponse(_message.Message):
     __slots__ = ("run", "created")
@@ -111,6 +113,80 @@ class CancelRunRequest(_message.Message):
     run_id: str
     reason: str
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UploadCheckpointRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("file_name", "size", "architecture", "sha256")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    size: int
+    architecture: _spec_pb2.Architecture
+    sha256: str
+    def __init__(self, file_name: _Optional[str] = ..., size: _Optional[int] = ..., architecture: _Optional[_Union[_spec_pb2.Architecture, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class UploadCheckpointResponse(_message.Message):
+    __slots__ = ("key", "size", "sha256", "dtype", "tensors", "created", "architecture")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    size: int
+    sha256: str
+    dtype: str
+    tensors: int
+    created: bool
+    architecture: str
+    def __init__(self, key: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., dtype: _Optional[str] = ..., tensors: _Optional[int] = ..., created: _Optional[bool] = ..., architecture: _Optional[str] = ...) -> None: ...
+
+class DownloadCheckpointRequest(_message.Message):
+    __slots__ = ("run_id", "model")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    model: str
+    def __init__(self, run_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class DownloadCheckpointResponse(_message.Message):
+    __slots__ = ("info", "data", "end")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    info: DownloadInfo
+    data: bytes
+    end: DownloadEnd
+    def __init__(self, info: _Optional[_Union[DownloadInfo, _Mapping]] = ..., data: _Optional[bytes] = ..., end: _Optional[_Union[DownloadEnd, _Mapping]] = ...) -> None: ...
+
+class DownloadInfo(_message.Message):
+    __slots__ = ("model", "key", "size", "file_name")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    key: str
+    size: int
+    file_name: str
+    def __init__(self, model: _Optional[str] = ..., key: _Optional[str] = ..., size: _Optional[int] = ..., file_name: _Optional[str] = ...) -> None: ...
+
+class DownloadEnd(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "request_id", "spec", "state", "message", "created_unix_ms", "updated_unix_ms", "tasks", "report", "storage_prefix")

@@ -61,6 +61,16 @@ class RunServiceStub:
                 request_serializer=nt_dot_v1_dot_runs__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=nt_dot_v1_dot_runs__pb2.Run.FromString,
                 _registered_method=True)
+        self.UploadCheckpoint = channel.stream_unary(
+                '/nt.v1.RunService/UploadCheckpoint',
+                request_serializer=nt_dot_v1_dot_runs__pb2.UploadCheckpointRequest.SerializeToString,
+                response_deserializer=nt_dot_v1_dot_runs__pb2.UploadCheckpointResponse.FromString,
+                _registered_method=True)
+        self.DownloadCheckpoint = channel.unary_stream(
+                '/nt.v1.RunService/DownloadCheckpoint',
+                request_serializer=nt_dot_v1_dot_runs__pb2.DownloadCheckpointRequest.SerializeToString,
+                response_deserializer=nt_dot_v1_dot_runs__pb2.DownloadCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -104,6 +114,38 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadCheckpoint(self, request_iterator, context):
+        """Uploads a member checkpoint (one safetensors file) into the service's
+        store, so a client needs no store credentials: an `UploadHeader`, then
+        the file's bytes in order. The file is checked as submission checks a
+        member (its header, sizes, dtypes, and names and shapes against the
+        architecture given or recorded in it) before it is stored, under a
+        content-addressed key (`uploads/sha256/<hex>.safetensors`) that a run
+        spec's `members.checkpoints` can name. Uploading the same bytes again
+        returns the same key. A refused or interrupted upload stores nothing.
+        Uploads wait their turn beyond the server's --max-concurrent-uploads.
+        Codes: INVALID_ARGUMENT (a malformed stream or file, a wrong shape, a
+        size or SHA-256 other than the header says), RESOURCE_EXHAUSTED (larger
+        than the server's --max-upload-bytes), OUT_OF_RANGE (a message over
+        --max-message-bytes), FAILED_PRECONDITION (another object already under
+        the key), DEADLINE_EXCEEDED (nothing sent for 60 s), UNAUTHENTICATED,
+        UNAVAILABLE (the store).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCheckpoint(self, request, context):
+        """Downloads one of a run's models or its report: a `DownloadInfo` (name,
+        size), the bytes in order, then a `DownloadEnd` with their SHA-256.
+        NOT_FOUND for an unknown run or a model the run has not produced (yet);
+        INVALID_ARGUMENT for a malformed model name; FAILED_PRECONDITION for a
+        sharded member (its index names several files).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +173,16 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=nt_dot_v1_dot_runs__pb2.CancelRunRequest.FromString,
                     response_serializer=nt_dot_v1_dot_runs__pb2.Run.SerializeToString,
+            ),
+            'UploadCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCheckpoint,
+                    request_deserializer=nt_dot_v1_dot_runs__pb2.UploadCheckpointRequest.FromString,
+                    response_serializer=nt_dot_v1_dot_runs__pb2.UploadCheckpointResponse.SerializeToString,
+            ),
+            'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCheckpoint,
+                    request_deserializer=nt_dot_v1_dot_runs__pb2.DownloadCheckpointRequest.FromString,
+                    response_serializer=nt_dot_v1_dot_runs__pb2.DownloadCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +321,60 @@ class RunService:
             '/nt.v1.RunService/CancelRun',
             nt_dot_v1_dot_runs__pb2.CancelRunRequest.SerializeToString,
             nt_dot_v1_dot_runs__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/nt.v1.RunService/UploadCheckpoint',
+            nt_dot_v1_dot_runs__pb2.UploadCheckpointRequest.SerializeToString,
+            nt_dot_v1_dot_runs__pb2.UploadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nt.v1.RunService/DownloadCheckpoint',
+            nt_dot_v1_dot_runs__pb2.DownloadCheckpointRequest.SerializeToString,
+            nt_dot_v1_dot_runs__pb2.DownloadCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
