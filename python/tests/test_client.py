@@ -214,3 +214,34 @@ def test_the_readme_example_runs(cluster, tmp_path):
     assert out.returncode == 0, out.stderr + cluster.logs()
     assert "succeeded" in out.stdout, out.stdout
     assert list((tmp_path / "out").glob("*.safetensors")), list(tmp_path.rglob("*"))
+
+
+def test_watch_survives_a_coordinator_restart(tmp_path):
+    """The coordinator goes away mid-run and comes back on the same store:
+    the watch resumes after the last event it saw and ends with the run."""
+    c = Cluster(tmp_path / "restart")
+    try:
+        with connect(c.endpoint, token=CLIENT_TOKEN) as nt:
+            run = nt.submit(
+                {
+                    "name": "restart",
+                    "data": {"dataset": "fashion-mnist", "train_subset": 2000, "test_subset": 500},
+                    "architecture": "mlp:hidden=32,depth=1",
+                    "members": {"count": 2, "training": {"epochs": 4}},
+                    "fine_tuning": {"training": {"epochs": 1}},
+                }
+            )
+            seen, restarted = [], False
+            for event in nt.watch(run.run_id):
+                seen.append(event.sequence)
+                if not restarted and len(seen) >= 3:
+                    c.stop_server()
+                    time.sleep(1.0)
+                    c.start_server()
+                    restarted = True
+            assert restarted
+            assert seen == sorted(set(seen)), seen
+            final = nt.get(run.run_id)
+            assert state_name(final.state) == "succeeded", (final.message, c.logs())
+    finally:
+        c.stop()
