@@ -342,7 +342,16 @@ pub fn models_of(run: &pb::Run) -> Vec<String> {
         return Vec::new();
     };
     let mut names = vec!["report".to_string()];
-    names.extend((0..report.members.len()).map(|i| format!("member/{i}")));
+    // A sharded member (its checkpoint an index) is several files: the
+    // service does not serve it, so "every model" leaves it out.
+    names.extend(
+        report
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !m.checkpoint.ends_with(".index.json"))
+            .map(|(i, _)| format!("member/{i}")),
+    );
     for f in &report.fused {
         let Some(method) = pb::FusionMethod::try_from(f.method)
             .ok()

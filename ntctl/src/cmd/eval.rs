@@ -78,9 +78,21 @@ fn write_logits(args: &EvalArgs, inputs: &Path, out: &Path, output: OutputFormat
             array.element
         );
     }
-    let Some((&n, _)) = array.shape.split_first() else {
+    let Some((&n, sample)) = array.shape.split_first() else {
         bail!("{name}: inputs must have a batch dimension, got a scalar");
     };
+    let want = arch.input_shape();
+    if sample.iter().product::<usize>() != want.iter().product::<usize>() {
+        bail!(
+            "{name}: inputs of shape {:?} do not fit architecture `{}`, which takes [N, {}]",
+            array.shape,
+            arch.name(),
+            want.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let values: Vec<f32> = array
         .data
         .chunks_exact(4)

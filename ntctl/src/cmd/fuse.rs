@@ -121,6 +121,52 @@ fn architecture(args: &FuseArgs, first: &fusion::state::StateDict) -> Result<Arc
     }
 }
 
+/// Writing the output replaces what is at its path, and in a folder the
+/// shards an older index names: refuse when that would be a member.
+fn refuse_overwriting_a_member(out: &std::path::Path, members: &[PathBuf]) -> Result<()> {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let out_real = canonical(out);
+    let out_folder = if out.is_dir() {
+        out_real.clone()
+    } else {
+        out.parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    std::path::Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .and_then(canonical)
+    };
+    for m in members {
+        let Some(real) = canonical(m) else { continue };
+        let member_folder = if real.is_dir() {
+            Some(real.clone())
+        } else {
+            real.parent().map(std::path::Path::to_path_buf)
+        };
+        let index = real.to_string_lossy().ends_with(".index.json") || real.is_dir();
+        // Writing `x.safetensors` also removes an older `x.safetensors.index.json`.
+        let same_name_index = out_folder.as_ref().zip(out.file_name()).map(|(f, n)| {
+            let mut name = n.to_os_string();
+            name.push(".index.json");
+            f.join(name)
+        });
+        if out_real.as_ref() == Some(&real)
+            || (index && out.is_dir() && out_folder == member_folder)
+            || same_name_index.as_ref() == Some(&real)
+        {
+            bail!(
+                "-o {} would overwrite member {}: write the fused model elsewhere",
+                out.display(),
+                m.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: FuseArgs, output: OutputFormat) -> Result<()> {
     if args.members.len() < 2 {
         bail!(
@@ -128,6 +174,7 @@ pub fn run(args: FuseArgs, output: OutputFormat) -> Result<()> {
             args.members.len()
         );
     }
+    refuse_overwriting_a_member(&args.output_file, &args.members)?;
     let loaded = args
         .members
         .iter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ class Client:
         """Submits a run and returns it. `spec` is a run spec as `ntctl run`
         reads it (a dict, YAML or JSON text, or the path of such a file) or
         an `nt.v1.RunSpec` message. Member checkpoints that are local files
-        (relative to the spec file's folder) are uploaded first, unless
+        (relative to the working directory, as `ntctl submit` reads them)
+        are uploaded first, unless
         `upload` is false. With a `request_id` used before, the run it
         created is returned instead of a new one, so retrying is safe."""
         if isinstance(spec, RunSpec):
@@ -116,7 +118,7 @@ class Client:
             document, folder = _spec_document(spec)
             _inline_architecture(document, folder)
             if upload:
-                self._upload_local_members(document, folder)
+                self._upload_local_members(document)
             import yaml
 
             request = runs_pb2.SubmitRunRequest(spec_file=yaml.safe_dump(document), request_id=request_id)
@@ -235,44 +237,50 @@ class Client:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         request = runs_pb2.DownloadCheckpointRequest(run_id=run_id, model=model)
-        info, tmp, out, written, digest, sent = None, None, None, 0, hashlib.sha256(), None
+        info, out, written, digest, sent = None, None, 0, hashlib.sha256(), None
+
+        def fail(message: str) -> NtError:
+            return NtError(grpc.StatusCode.DATA_LOSS, message, "DownloadCheckpoint")
+
         try:
             for part in self._runs.DownloadCheckpoint(request, metadata=self._metadata):
                 kind = part.WhichOneof("part")
                 if kind == "info" and info is None:
                     info = part.info
-                    tmp = dest / f".{os.path.basename(info.file_name)}.part-{os.getpid()}"
-                    out = tmp.open("wb")
-                elif kind == "data" and out is not None:
+                    name = info.file_name
+                    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+                        raise fail(f"the coordinator named the file `{name}`, which is not a plain file name")
+                    out = tempfile.NamedTemporaryFile(dir=dest, prefix=f".{name}.", suffix=".part", delete=False)
+                elif kind == "data" and out is not None and sent is None:
+                    written += len(part.data)
+                    if written > info.size:
+                        raise fail(f"{info.file_name}: more than the {info.size} bytes announced")
                     out.write(part.data)
                     digest.update(part.data)
-                    written += len(part.data)
                 elif kind == "end" and out is not None:
                     sent = part.end.sha256
                 else:
-                    raise NtError(grpc.StatusCode.DATA_LOSS, f"unexpected `{kind}` message", "DownloadCheckpoint")
+                    raise fail(f"unexpected `{kind}` message")
+            if out is None or info is None:
+                raise fail("the download sent nothing")
+            out.close()
+            if sent is None or written != info.size or digest.hexdigest() != sent:
+                raise fail(
+                    f"{info.file_name}: received {written} bytes with SHA-256 {digest.hexdigest()}; "
+                    f"the coordinator sent {info.size} with {sent or 'no SHA-256'}"
+                )
+            target = dest / info.file_name
+            os.replace(out.name, target)
+            out = None
+            return target
         except grpc.RpcError as e:
-            _discard(out, tmp)
             raise NtError(e.code(), e.details() or "", "DownloadCheckpoint") from None
-        except BaseException:
-            _discard(out, tmp)
-            raise
-        if out is None or info is None or tmp is None:
-            raise NtError(grpc.StatusCode.DATA_LOSS, "the download sent nothing", "DownloadCheckpoint")
-        out.close()
-        if sent is None or written != info.size or digest.hexdigest() != sent:
-            tmp.unlink(missing_ok=True)
-            raise NtError(
-                grpc.StatusCode.DATA_LOSS,
-                f"{info.file_name}: received {written} bytes with SHA-256 {digest.hexdigest()}; "
-                f"the coordinator sent {info.size} with {sent or 'no SHA-256'}",
-                "DownloadCheckpoint",
-            )
-        target = dest / os.path.basename(info.file_name)
-        os.replace(tmp, target)
-        return target
+        finally:
+            if out is not None:
+                out.close()
+                Path(out.name).unlink(missing_ok=True)
 
-    def _upload_local_members(self, document: dict, folder: Path) -> None:
+    def _upload_local_members(self, document: dict) -> None:
         members = document.get("members")
         if not isinstance(members, dict):
             return
@@ -283,18 +291,17 @@ class Client:
         if isinstance(arch, dict):
             arch = arch.get("spec") or arch.get("preset")
         for i, ref in enumerate(refs):
-            if not isinstance(ref, str) or ref.startswith(("store:", "s3://")):
+            if not isinstance(ref, str) or ref.startswith("store:") or "://" in ref:
                 continue
-            local = (folder / ref).expanduser()
+            # Relative to the working directory, as `ntctl submit` reads them.
+            local = Path(ref).expanduser()
+            if ref.endswith(".index.json") and local.is_file():
+                raise ValueError(
+                    f"members.checkpoints[{i}]: {ref} is a sharded checkpoint; uploads take one "
+                    "safetensors file (upload its shards to the store and name the index key)"
+                )
             if local.is_file():
                 refs[i] = self.upload(local, arch=arch).key
-
-
-def _discard(out: Any, tmp: Optional[Path]) -> None:
-    if out is not None:
-        out.close()
-    if tmp is not None:
-        tmp.unlink(missing_ok=True)
 
 
 def _inline_architecture(document: dict, folder: Path) -> None:
@@ -302,7 +309,7 @@ def _inline_architecture(document: dict, folder: Path) -> None:
     coordinator cannot read it, so its spec goes in the document."""
     arch = document.get("architecture")
     if isinstance(arch, dict) and list(arch) == ["file"] and isinstance(arch["file"], str):
-        path = (folder / arch["file"]).expanduser()
+        path = folder / Path(arch["file"]).expanduser()
         try:
             document["architecture"] = {"spec": json.loads(path.read_text())}
         except (OSError, ValueError) as e:
@@ -324,6 +331,42 @@ def _state(state: Optional[Union[int, str]]) -> int:
         raise ValueError(f"unknown run state `{state}` (known: {known})") from None
 
 
+def _yaml12_loader() -> Any:
+    """PyYAML's safe loader with YAML 1.2's core schema, which ntctl's
+    parser follows: `yes`, `on` and `0755` stay what YAML 1.2 makes of
+    them (a string, a string, the number 755), not YAML 1.1's true, true
+    and 493."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    core = [
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        (
+            "tag:yaml.org,2002:float",
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+            "-+0123456789.",
+        ),
+    ]
+    for tag, rx, first in core:
+        Loader.add_implicit_resolver(tag, re.compile(rx), list(first))
+
+    def construct_int(loader: Any, node: Any) -> int:
+        value = loader.construct_scalar(node)
+        return int(value, 0) if value.startswith(("0o", "0x")) else int(value)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    return Loader
+
+
 def _spec_document(spec: Union[Mapping[str, Any], str, os.PathLike]) -> "tuple[dict, Path]":
     """A run spec as a dict, and the folder its relative paths start from."""
     import copy
@@ -341,7 +384,7 @@ def _spec_document(spec: Union[Mapping[str, Any], str, os.PathLike]) -> "tuple[d
     else:
         raise TypeError(f"a run spec is a dict, YAML text, a path or an nt.v1.RunSpec, not {type(spec).__name__}")
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_yaml12_loader())
     except yaml.YAMLError as e:
         raise ValueError(f"the run spec is not YAML: {e}") from None
     if not isinstance(document, dict):
