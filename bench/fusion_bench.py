@@ -372,8 +372,10 @@ def float_bytes(files):
     return total
 
 
-def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit):
-    """One point: ours and the reference (each when asked) on the same members."""
+def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit, repeats=1):
+    """One point: ours and the reference (each when asked) on the same
+    members, each run `repeats` times in turn (ours, reference, ours, ...);
+    the row keeps the median time and the largest peak, and every time."""
     members = write_members(kind, width, k, folder)
     member_bytes = float_bytes(members)
     io_bytes = member_bytes * (k + 1) // k
@@ -389,6 +391,31 @@ def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit):
         "load_before": os.getloadavg()[0],
         "notes": [],
     }
+    for _ in range(repeats):
+        run_points(row, kind, width, k, method, arch, members, member_bytes, ours_file, ref_file,
+                   run_ours and "ours_stopped" not in row, run_ref and "ref_stopped" not in row and "ref_skipped" not in row,
+                   time_limit)
+    for side in ("ours", "ref"):
+        times = row.pop(f"{side}_runs", [])
+        if times:
+            row[f"{side}_s"] = sorted(times)[len(times) // 2]
+            if len(times) > 1:
+                row[f"{side}_all_s"] = times
+    if "ours_s" in row and "ref_s" in row:
+        row["max_abs_diff"] = compare(ours_file, ref_file)
+        row["speedup"] = row["ref_s"] / row["ours_s"]
+    for key, name in (("ours", "ours_peak_mb"), ("ref", "ref_peak_mb")):
+        if name in row:
+            row[f"{key}_peak_over_io"] = row[name] / row["io_mb"]
+    for f in members + [ours_file, ref_file]:
+        if os.path.exists(f):
+            os.remove(f)
+    return row
+
+
+def run_points(row, kind, width, k, method, arch, members, member_bytes, ours_file, ref_file, run_ours, run_ref,
+               time_limit):
+    """One run of ours and one of the reference, added to `row`."""
     if run_ours:
         try:
             out, wall, rss = run_child(
@@ -397,7 +424,9 @@ def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit):
                 time_limit,
                 mem_available() - 512 * MIB,
             )
-            row.update(ours_s=json.loads(out)["seconds"], ours_peak_mb=rss / MIB, ours_wall_s=wall)
+            row.setdefault("ours_runs", []).append(json.loads(out)["seconds"])
+            row["ours_peak_mb"] = max(row.get("ours_peak_mb", 0), rss / MIB)
+            row["ours_wall_s"] = wall
         except Stopped as e:
             row["ours_stopped"] = str(e)
             row["notes"].append(f"ours {e}")
@@ -416,7 +445,9 @@ def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit):
                     available,
                 )
                 rep = json.loads(out.strip().splitlines()[-1])
-                row.update(ref_s=rep["seconds"], ref_peak_mb=rss / MIB, ref_wall_s=wall)
+                row.setdefault("ref_runs", []).append(rep["seconds"])
+                row["ref_peak_mb"] = max(row.get("ref_peak_mb", 0), rss / MIB)
+                row["ref_wall_s"] = wall
                 if rep.get("emd_iteration_limit_hits"):
                     row["notes"].append(f"ot.emd hit numItermax on {rep['emd_iteration_limit_hits']} layer(s)")
                 if method == "ot":
@@ -424,16 +455,6 @@ def bench_one(kind, width, k, method, folder, run_ours, run_ref, time_limit):
             except Stopped as e:
                 row["ref_stopped"] = str(e)
                 row["notes"].append(f"reference {e}")
-    if "ours_s" in row and "ref_s" in row:
-        row["max_abs_diff"] = compare(ours_file, ref_file)
-        row["speedup"] = row["ref_s"] / row["ours_s"]
-    for key, name in (("ours", "ours_peak_mb"), ("ref", "ref_peak_mb")):
-        if name in row:
-            row[f"{key}_peak_over_io"] = row[name] / row["io_mb"]
-    for f in members + [ours_file, ref_file]:
-        if os.path.exists(f):
-            os.remove(f)
-    return row
 
 
 def fmt(row, key, spec, missing="-"):
@@ -554,6 +575,8 @@ def main():
     ap.add_argument("--widths", default=DEFAULT_WIDTHS)
     ap.add_argument("--methods", default="average,nt,ot")
     ap.add_argument("--resnet-k", default="2,4,8", help="NT on ResNet18 for these K")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each side per torchvision-family point (median kept)")
     ap.add_argument("--family-k", default="2,4",
                     help="NT on torchvision's ResNet50 and VGG16 for these K (empty: none)")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds per child before it is stopped")
@@ -598,7 +621,8 @@ def main():
             run_ref = (kind, method, "ref") not in done
             if not run_ours and not run_ref:
                 continue
-            r = bench_one(kind, width, k, method, folder, run_ours, run_ref, args.time_limit)
+            r = bench_one(kind, width, k, method, folder, run_ours, run_ref, args.time_limit,
+                          args.repeats if kind in FAMILIES else 1)
             if "ours_peak_mb" in r:
                 r["ours_above_runtime_over_io"] = (r["ours_peak_mb"] - runtime / MIB) / r["io_mb"]
             for side in ("ours", "ref"):
