@@ -4,7 +4,7 @@
 
 use super::builder::Options;
 pub use super::builder::{SpecBuilder, MAX_LAYERS, MAX_OPTION, MAX_STAGES};
-use super::spec::{ArchSpec, Op};
+use super::spec::ArchSpec;
 use super::torchvision;
 use crate::{FusionError, Result};
 
@@ -275,28 +275,7 @@ pub fn resnet_spec(
             .relu(None)
             .conv(&format!("{p}.conv2"), &[], c_out, c_out, 3, 1, 1, false)
             .batch_norm(&format!("{p}.bn2"), c_out);
-            let shortcut = if stride != 1 || c_in != c_out {
-                b.conv(
-                    &format!("{p}.downsample.0"),
-                    &[&last],
-                    c_in,
-                    c_out,
-                    1,
-                    stride,
-                    0,
-                    false,
-                )
-                .batch_norm(&format!("{p}.downsample.1"), c_out);
-                format!("{p}.downsample.1")
-            } else {
-                last.clone()
-            };
-            b.node(
-                Some(&format!("{p}.add")),
-                &[&format!("{p}.bn2"), &shortcut],
-                Op::Add {},
-            )
-            .relu(Some(&format!("{p}.out")));
+            torchvision::residual(&mut b, &p, &last, &format!("{p}.bn2"), c_in, c_out, stride);
             last = format!("{p}.out");
             c_in = c_out;
         }

@@ -223,24 +223,6 @@ impl Op {
         }
     }
 
-    /// Whether the op applies a function to each value on its own (so it
-    /// keeps shapes and passes neuron groups through).
-    pub fn is_elementwise(&self) -> bool {
-        matches!(
-            self,
-            Op::Relu {}
-                | Op::Relu6 {}
-                | Op::Hardtanh { .. }
-                | Op::LeakyRelu { .. }
-                | Op::Gelu { .. }
-                | Op::Silu {}
-                | Op::Hardswish {}
-                | Op::Sigmoid {}
-                | Op::Tanh {}
-                | Op::Dropout { .. }
-        )
-    }
-
     /// Whether the op owns parameters (and so needs a name).
     pub fn has_params(&self) -> bool {
         matches!(

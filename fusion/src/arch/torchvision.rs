@@ -35,6 +35,40 @@ pub(super) fn stem(b: &mut SpecBuilder, channels: usize, width: usize, imagenet:
     "relu".into()
 }
 
+/// The end of a ResNet block `p`: the shortcut (a strided 1x1 conv and
+/// BatchNorm, `downsample.0/1`, where the shape changes), the addition of
+/// the main branch's last node `main` and the shortcut, then a ReLU named
+/// `{p}.out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn residual(
+    b: &mut SpecBuilder,
+    p: &str,
+    input: &str,
+    main: &str,
+    c_in: usize,
+    c_out: usize,
+    stride: usize,
+) {
+    let shortcut = if stride != 1 || c_in != c_out {
+        b.conv(
+            &format!("{p}.downsample.0"),
+            &[input],
+            c_in,
+            c_out,
+            1,
+            stride,
+            0,
+            false,
+        )
+        .batch_norm(&format!("{p}.downsample.1"), c_out);
+        format!("{p}.downsample.1")
+    } else {
+        input.to_string()
+    };
+    b.node(Some(&format!("{p}.add")), &[main, &shortcut], Op::Add {})
+        .relu(Some(&format!("{p}.out")));
+}
+
 /// The head every ResNet shares: global average pool, flatten, `fc`.
 pub(super) fn resnet_head(b: &mut SpecBuilder, features: usize, classes: usize) {
     b.node(
@@ -86,28 +120,7 @@ pub fn bottleneck_resnet_spec(
                 .relu(None)
                 .conv(&format!("{p}.conv3"), &[], inner, c_out, 1, 1, 0, false)
                 .batch_norm(&format!("{p}.bn3"), c_out);
-            let shortcut = if stride != 1 || c_in != c_out {
-                b.conv(
-                    &format!("{p}.downsample.0"),
-                    &[&last],
-                    c_in,
-                    c_out,
-                    1,
-                    stride,
-                    0,
-                    false,
-                )
-                .batch_norm(&format!("{p}.downsample.1"), c_out);
-                format!("{p}.downsample.1")
-            } else {
-                last.clone()
-            };
-            b.node(
-                Some(&format!("{p}.add")),
-                &[&format!("{p}.bn3"), &shortcut],
-                Op::Add {},
-            )
-            .relu(Some(&format!("{p}.out")));
+            residual(&mut b, &p, &last, &format!("{p}.bn3"), c_in, c_out, stride);
             last = format!("{p}.out");
             c_in = c_out;
         }
