@@ -179,33 +179,8 @@ fn vgg11(o: &mut Options, batch_norm: bool) -> Result<ArchSpec> {
     let cfg = [1, 0, 2, 0, 4, 4, 0, 8, 8, 0, 8, 8, 0];
     let name = if batch_norm { "vgg11-bn" } else { "vgg11" };
     let mut b = SpecBuilder::new(name, vec![channels, 32, 32]);
-    let (mut index, mut c_in) = (0, channels);
-    for m in cfg {
-        if m == 0 {
-            b.max_pool(2, 2, 0);
-            index += 1;
-            continue;
-        }
-        let c_out = m * width;
-        b.conv(
-            &format!("features.{index}"),
-            &[],
-            c_in,
-            c_out,
-            3,
-            1,
-            1,
-            bias,
-        );
-        index += 1;
-        if batch_norm {
-            b.batch_norm(&format!("features.{index}"), c_out);
-            index += 1;
-        }
-        b.relu(None);
-        index += 1;
-        c_in = c_out;
-    }
+    let widths: Vec<usize> = cfg.iter().map(|&m| m * width).collect();
+    let c_in = torchvision::vgg_features(&mut b, &widths, channels, batch_norm, bias);
     b.flatten().linear("classifier", c_in, classes, bias);
     Ok(b.build())
 }

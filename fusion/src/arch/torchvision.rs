@@ -139,6 +139,45 @@ fn vgg_config(depth: usize) -> &'static [usize] {
     }
 }
 
+/// VGG's `features.*`: a 3x3 conv of each width (with BatchNorm when asked)
+/// and a ReLU, a 2x2 max pool for each 0, numbered as `nn.Sequential`
+/// numbers them. Returns the channels of the last conv.
+pub(super) fn vgg_features(
+    b: &mut SpecBuilder,
+    widths: &[usize],
+    channels: usize,
+    batch_norm: bool,
+    bias: bool,
+) -> usize {
+    let (mut index, mut c_in) = (0, channels);
+    for &c_out in widths {
+        if c_out == 0 {
+            b.max_pool(2, 2, 0);
+            index += 1;
+            continue;
+        }
+        b.conv(
+            &format!("features.{index}"),
+            &[],
+            c_in,
+            c_out,
+            3,
+            1,
+            1,
+            bias,
+        );
+        index += 1;
+        if batch_norm {
+            b.batch_norm(&format!("features.{index}"), c_out);
+            index += 1;
+        }
+        b.relu(None);
+        index += 1;
+        c_in = c_out;
+    }
+    c_in
+}
+
 /// torchvision's VGG (11 or 16): `features.*` (3x3 convs with bias, ReLU,
 /// max pools), `avgpool` (adaptive to 7x7, which repeats a smaller map), and
 /// `classifier.0/3/6` with ReLU and dropout between. `width` scales the
@@ -156,33 +195,8 @@ pub fn torchvision_vgg_spec(
     dropout: f64,
 ) -> ArchSpec {
     let mut b = SpecBuilder::new(name, vec![channels, size, size]);
-    let (mut index, mut c_in) = (0, channels);
-    for &m in vgg_config(depth) {
-        if m == 0 {
-            b.max_pool(2, 2, 0);
-            index += 1;
-            continue;
-        }
-        let c_out = m / 64 * width;
-        b.conv(
-            &format!("features.{index}"),
-            &[],
-            c_in,
-            c_out,
-            3,
-            1,
-            1,
-            true,
-        );
-        index += 1;
-        if batch_norm {
-            b.batch_norm(&format!("features.{index}"), c_out);
-            index += 1;
-        }
-        b.relu(None);
-        index += 1;
-        c_in = c_out;
-    }
+    let widths: Vec<usize> = vgg_config(depth).iter().map(|&m| m / 64 * width).collect();
+    let c_in = vgg_features(&mut b, &widths, channels, batch_norm, true);
     b.node(
         Some("avgpool"),
         &[],
