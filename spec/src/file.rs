@@ -9,8 +9,11 @@ use nt_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Augment, SyntheticSpec};
+use crate::joint::JointMode;
 use crate::train::Schedule;
-use crate::wire::{augment_to_wire, method_to_wire, schedule_to_wire, synthetic_to_wire};
+use crate::wire::{
+    augment_to_wire, joint_to_wire, method_to_wire, schedule_to_wire, synthetic_to_wire,
+};
 use crate::SpecError;
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
@@ -135,6 +138,24 @@ pub struct MembersFile {
     pub training: TrainingFile,
     #[serde(default)]
     pub checkpoints: Vec<String>,
+    /// auto (default), on or off: whether the members, and later the
+    /// fine-tunings, train as one batched job (`true`/`false` read as on/off).
+    #[serde(default, deserialize_with = "joint_text")]
+    pub joint: Option<String>,
+}
+
+/// `members.joint` as written: a word, or a boolean from a YAML 1.1 or JSON
+/// writer that read `on`/`off` as one. Checked by [`RunSpecFile::to_proto`].
+fn joint_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) => Ok(Some(s)),
+        serde_json::Value::Bool(b) => Ok(Some(if b { "on" } else { "off" }.into())),
+        other => Err(D::Error::custom(format!(
+            "members.joint must be auto, on or off, not {other}"
+        ))),
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -209,6 +230,13 @@ impl RunSpecFile {
             Some("cpu") => pb::DeviceRequirement::Cpu,
             Some(other) => return Err(err("device", format!("`{other}` is not any, gpu or cpu"))),
         };
+        let joint =
+            match self.members.joint.as_deref() {
+                None => pb::JointTraining::Unspecified,
+                Some(text) => joint_to_wire(JointMode::parse(text).ok_or_else(|| {
+                    err("members.joint", format!("`{text}` is not auto, on or off"))
+                })?),
+            };
         let d = &self.data;
         Ok(pb::RunSpec {
             name: self.name.clone(),
@@ -234,6 +262,7 @@ impl RunSpecFile {
                 seeds: self.members.seeds.clone(),
                 training: Some(training_file_to_proto(&self.members.training)),
                 checkpoints: self.members.checkpoints.clone(),
+                joint: joint as i32,
             }),
             fusion: fusion.into_iter().map(|m| m as i32).collect(),
             fine_tuning: Some(pb::FineTuning {

@@ -7,6 +7,7 @@
 use fusion::arch::{Architecture, Op};
 use serde::{Deserialize, Serialize};
 
+use crate::device::Device;
 use crate::train::TrainConfig;
 
 /// The run spec's `members.joint`.
@@ -125,6 +126,46 @@ pub fn memory_bytes(arch: &Architecture, batch_size: usize, k: usize) -> u64 {
     per_model.saturating_mul(4).saturating_mul(k as u64)
 }
 
+/// How the models of one phase (the members, or the fine-tunings) train.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// As one joint task.
+    Joint,
+    /// As one task each. `Some(reason)`: `on` asked for joint training and
+    /// [`refusal`] said no; the run's events say so.
+    Separate(Option<String>),
+}
+
+/// Resolves `mode` for models with these configs on a run asking for
+/// `device`: `off` never joins them; `on` joins them unless [`refusal`]
+/// says no; `auto` joins them only on GPU runs whose estimated memory
+/// ([`memory_bytes`]) is within `budget` bytes, and never says why not.
+pub fn decide(
+    mode: JointMode,
+    device: Device,
+    arch: &Architecture,
+    configs: &[TrainConfig],
+    budget: u64,
+) -> Decision {
+    let refused = || refusal(arch, configs);
+    match mode {
+        JointMode::Off => Decision::Separate(None),
+        JointMode::On => match refused() {
+            None => Decision::Joint,
+            Some(why) => Decision::Separate(Some(why)),
+        },
+        JointMode::Auto => {
+            let batch = configs.first().map_or(0, |c| c.batch_size);
+            let fits = || memory_bytes(arch, batch, configs.len()) <= budget;
+            if device == Device::Gpu && fits() && refused().is_none() {
+                Decision::Joint
+            } else {
+                Decision::Separate(None)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +221,45 @@ mod tests {
         assert!(one > 4 * 4 * a.parameter_count() as u64);
         assert_eq!(memory_bytes(&a, 256, 8), 8 * one);
         assert!(memory_bytes(&a, 512, 1) > one);
+    }
+
+    #[test]
+    fn auto_joins_gpu_runs_within_the_budget_and_on_says_why_not() {
+        let a = arch("lenet");
+        let configs: Vec<TrainConfig> = (1..=3)
+            .map(|seed| TrainConfig {
+                seed,
+                ..TrainConfig::default()
+            })
+            .collect();
+        let need = memory_bytes(&a, configs[0].batch_size, 3);
+        let decide = |mode, device, budget| decide(mode, device, &a, &configs, budget);
+        assert_eq!(decide(JointMode::Auto, Device::Gpu, need), Decision::Joint);
+        for (device, budget) in [
+            (Device::Gpu, need - 1),
+            (Device::Any, need),
+            (Device::Cpu, need),
+        ] {
+            assert_eq!(
+                decide(JointMode::Auto, device, budget),
+                Decision::Separate(None),
+                "{device:?} {budget}"
+            );
+        }
+        assert_eq!(decide(JointMode::On, Device::Cpu, 0), Decision::Joint);
+        assert_eq!(
+            decide(JointMode::Off, Device::Gpu, u64::MAX),
+            Decision::Separate(None)
+        );
+        let mut differing = configs.clone();
+        differing[1].epochs += 1;
+        match super::decide(JointMode::On, Device::Gpu, &a, &differing, u64::MAX) {
+            Decision::Separate(Some(why)) => assert!(why.contains("`epochs`"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            super::decide(JointMode::Auto, Device::Gpu, &a, &differing, u64::MAX),
+            Decision::Separate(None)
+        );
     }
 }

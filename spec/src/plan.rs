@@ -10,6 +10,7 @@ use nt_proto::v1 as pb;
 use crate::data::DataSpec;
 use crate::defaults;
 pub use crate::device::Device;
+use crate::joint::JointMode;
 use crate::train::{Distill, TrainConfig};
 use crate::wire;
 use crate::SpecError;
@@ -43,6 +44,9 @@ pub struct Plan {
     /// The float dtype the fused models are stored in; `None`: the
     /// members' (known once they are read). Fine-tuned models are f32.
     pub fused_precision: Option<Precision>,
+    /// Whether the members and the fine-tunings train as one job each
+    /// (`members.joint`; the coordinator resolves `auto`).
+    pub joint: JointMode,
 }
 
 /// The extra models a run produces to put its fusion methods in context.
@@ -190,6 +194,7 @@ fn plan(
     fusion::coupling::Coupling::derive(&arch).map_err(|e| err("architecture", e.to_string()))?;
 
     let members_spec = spec.members.clone().unwrap_or_default();
+    let joint = wire::joint_from_wire(members_spec.joint)?;
     let members = if !members_spec.checkpoints.is_empty() {
         if members_spec.checkpoints.len() < 2 {
             return Err(err(
@@ -324,6 +329,7 @@ fn plan(
         max_attempts,
         compare,
         fused_precision,
+        joint,
     })
 }
 
@@ -617,5 +623,42 @@ device: any
         let e = plan_of("fused_dtype: f64\n").unwrap_err();
         assert_eq!(e.field, "fused_dtype");
         assert!(e.message.contains("`f64` is not f32, bf16 or f16"), "{e}");
+    }
+
+    #[test]
+    fn members_joint_is_auto_unless_the_spec_says_on_or_off() {
+        let plan_of = |members: &str| {
+            let yaml = format!("architecture: mlp\nmembers: {members}\n");
+            let wire = RunSpecFile::from_yaml(&yaml)?.to_proto(std::path::Path::new("."))?;
+            plan(&wire, &keys)
+        };
+        assert_eq!(plan_of("{count: 2}").unwrap().joint, JointMode::Auto);
+        for (text, mode) in [
+            ("auto", JointMode::Auto),
+            ("on", JointMode::On),
+            ("off", JointMode::Off),
+            // As a YAML 1.1 or JSON writer would give on and off.
+            ("true", JointMode::On),
+            ("false", JointMode::Off),
+        ] {
+            let p = plan_of(&format!("{{count: 2, joint: {text}}}")).unwrap();
+            assert_eq!(p.joint, mode, "{text}");
+        }
+        // Existing members keep the setting: it governs the fine-tunings.
+        let p = plan_of("{checkpoints: [a, b], joint: on}").unwrap();
+        assert_eq!(p.joint, JointMode::On);
+        let e = plan_of("{count: 2, joint: always}").unwrap_err();
+        assert_eq!(e.field, "members.joint");
+        assert!(e.message.contains("`always` is not auto, on or off"), "{e}");
+        let e = plan_of("{count: 2, joint: 3}").unwrap_err();
+        assert!(e.to_string().contains("members.joint"), "{e}");
+        // A wire value this version does not know names the field too.
+        let mut wire = RunSpecFile::from_yaml("architecture: mlp\nmembers: {count: 2}\n")
+            .unwrap()
+            .to_proto(std::path::Path::new("."))
+            .unwrap();
+        wire.members.as_mut().unwrap().joint = 9;
+        let e = plan(&wire, &keys).unwrap_err();
+        assert_eq!(e.field, "members.joint", "{e}");
     }
 }

@@ -10,6 +10,7 @@ use nt_proto::v1 as pb;
 use crate::data::{name_of_path, ArrayLayout, Augment, DataFormat, DataSpec, SyntheticSpec};
 use crate::defaults;
 use crate::device::Device;
+use crate::joint::JointMode;
 use crate::train::{Distill, Schedule, TrainConfig};
 use crate::SpecError;
 
@@ -222,6 +223,27 @@ pub fn device_from_wire(d: i32) -> Result<Device, SpecError> {
         Ok(pb::DeviceRequirement::Gpu) => Ok(Device::Gpu),
         Ok(pb::DeviceRequirement::Cpu) => Ok(Device::Cpu),
         Err(_) => Err(err("device", format!("unknown device requirement {d}"))),
+    }
+}
+
+pub fn joint_to_wire(m: JointMode) -> pb::JointTraining {
+    match m {
+        JointMode::Auto => pb::JointTraining::Auto,
+        JointMode::On => pb::JointTraining::On,
+        JointMode::Off => pb::JointTraining::Off,
+    }
+}
+
+/// `members.joint` from the wire; unset is auto.
+pub fn joint_from_wire(j: i32) -> Result<JointMode, SpecError> {
+    match pb::JointTraining::try_from(j) {
+        Ok(pb::JointTraining::Unspecified | pb::JointTraining::Auto) => Ok(JointMode::Auto),
+        Ok(pb::JointTraining::On) => Ok(JointMode::On),
+        Ok(pb::JointTraining::Off) => Ok(JointMode::Off),
+        Err(_) => Err(err(
+            "members.joint",
+            format!("unknown joint training mode {j} (auto, on or off)"),
+        )),
     }
 }
 

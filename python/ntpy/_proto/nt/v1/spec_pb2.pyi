@@ -8,6 +8,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class JointTraining(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOINT_TRAINING_UNSPECIFIED: _ClassVar[JointTraining]
+    JOINT_TRAINING_AUTO: _ClassVar[JointTraining]
+    JOINT_TRAINING_ON: _ClassVar[JointTraining]
+    JOINT_TRAINING_OFF: _ClassVar[JointTraining]
+
 class FusionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FUSION_METHOD_UNSPECIFIED: _ClassVar[FusionMethod]
@@ -22,6 +29,10 @@ class DeviceRequirement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEVICE_REQUIREMENT_UNSPECIFIED: _ClassVar[DeviceRequirement]
     DEVICE_REQUIREMENT_GPU: _ClassVar[DeviceRequirement]
     DEVICE_REQUIREMENT_CPU: _ClassVar[DeviceRequirement]
+JOINT_TRAINING_UNSPECIFIED: JointTraining
+JOINT_TRAINING_AUTO: JointTraining
+JOINT_TRAINING_ON: JointTraining
+JOINT_TRAINING_OFF: JointTraining
 FUSION_METHOD_UNSPECIFIED: FusionMethod
 FUSION_METHOD_NT: FusionMethod
 FUSION_METHOD_NT_ITERATIVE: FusionMethod
@@ -136,16 +147,18 @@ class Architecture(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
 
 class Members(_message.Message):
-    __slots__ = ("count", "seeds", "training", "checkpoints")
+    __slots__ = ("count", "seeds", "training", "checkpoints", "joint")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    JOINT_FIELD_NUMBER: _ClassVar[int]
     count: int
     seeds: _containers.RepeatedScalarFieldContainer[int]
     training: Training
     checkpoints: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, count: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., training: _Optional[_Union[Training, _Mapping]] = ..., checkpoints: _Optional[_Iterable[str]] = ...) -> None: ...
+    joint: JointTraining
+    def __init__(self, count: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., training: _Optional[_Union[Training, _Mapping]] = ..., checkpoints: _Optional[_Iterable[str]] = ..., joint: _Optional[_Union[JointTraining, str]] = ...) -> None: ...
 
 class Training(_message.Message):
     __slots__ = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule", "bf16")
