@@ -46,6 +46,12 @@ pub enum RuntimeError {
     #[error("{0}")]
     Storage(String),
 
+    /// These models cannot train as one joint computation (an op or settings
+    /// joint training refuses, or a device without room for all of them):
+    /// train them one by one instead.
+    #[error("joint training refused: {0}")]
+    NotJoint(String),
+
     /// The job's hooks asked it to stop before it finished.
     #[error("stopped before the end")]
     Stopped,
@@ -77,6 +83,7 @@ impl RuntimeError {
             RuntimeError::Fusion(_)
             | RuntimeError::Data(_)
             | RuntimeError::Unsupported(_)
+            | RuntimeError::NotJoint(_)
             | RuntimeError::Spec(_)
             | RuntimeError::Missing(_)
             | RuntimeError::Stopped => false,

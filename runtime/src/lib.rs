@@ -9,6 +9,7 @@ pub mod device;
 mod error;
 pub mod guard;
 pub mod job;
+pub mod joint;
 pub mod model;
 pub mod tensor;
 pub mod train;

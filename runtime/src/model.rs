@@ -34,7 +34,7 @@ pub struct Network {
     /// Per node, per role: index into `params`.
     slots: Vec<[Option<usize>; 7]>,
     /// Per node: the position in the topological order after which its output is dead.
-    last_use: Vec<usize>,
+    pub(crate) last_use: Vec<usize>,
 }
 
 fn role_slot(role: ParamRole) -> usize {
@@ -48,7 +48,7 @@ fn role_slot(role: ParamRole) -> usize {
 }
 
 impl Network {
-    fn with_params(arch: &Architecture, device: Device, params: Vec<Param>) -> Self {
+    pub(crate) fn with_params(arch: &Architecture, device: Device, params: Vec<Param>) -> Self {
         let mut slots = vec![[None; 7]; arch.nodes().len()];
         for (i, p) in params.iter().enumerate() {
             slots[p.spec.node][role_slot(p.spec.role)] = Some(i);
@@ -159,11 +159,11 @@ impl Network {
             .collect()
     }
 
-    fn slot(&self, node: usize, role: ParamRole) -> Option<&Tensor> {
+    pub(crate) fn slot(&self, node: usize, role: ParamRole) -> Option<&Tensor> {
         self.slots[node][role_slot(role)].map(|i| &self.params[i].tensor)
     }
 
-    fn need(&self, node: usize, role: ParamRole) -> Result<&Tensor> {
+    pub(crate) fn need(&self, node: usize, role: ParamRole) -> Result<&Tensor> {
         self.slot(node, role).ok_or_else(|| {
             RuntimeError::spec(format!(
                 "node `{}` lacks its {}",
@@ -175,7 +175,7 @@ impl Network {
 
     /// Reshapes a batch to `[N, input...]` when it holds the right number of
     /// values per sample (so a `[N, 1, 28, 28]` batch feeds a `[784]` MLP).
-    fn shape_input(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn shape_input(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.size();
         let want: Vec<i64> = self.arch.input_shape().iter().map(|&d| d as i64).collect();
         if size.len() > 1 && size[1..] == want[..] {
@@ -236,9 +236,9 @@ impl Network {
             };
             let a = input(&node.inputs[0], &outs)?;
             let y = match node.op {
-                Op::Linear { .. } => a.f_linear(
-                    self.need(i, ParamRole::Weight)?,
-                    self.slot(i, ParamRole::Bias),
+                Op::Linear { .. } => low(&a)?.f_linear(
+                    &low(self.need(i, ParamRole::Weight)?)?,
+                    low_opt(self.slot(i, ParamRole::Bias))?,
                 )?,
                 Op::Conv2d {
                     stride,
@@ -277,50 +277,6 @@ impl Network {
                     }
                     y
                 }
-                Op::Relu {} => a.f_relu()?,
-                // tch binds hardtanh and leaky_relu without their scalars:
-                // clamp gives the same values (its gradient also passes at
-                // exactly min and max), `where` the same values and gradients.
-                Op::Relu6 {} => a.f_clamp(0.0, 6.0)?,
-                Op::Hardtanh { min, max } => a.f_clamp(min, max)?,
-                Op::LeakyRelu { slope } => {
-                    let negative = a.f_mul_scalar(slope)?;
-                    a.f_where_self(&a.f_gt(0.0)?, &negative)?
-                }
-                Op::Gelu { approximate } => a.f_gelu(approximate.as_str())?,
-                Op::Silu {} => a.f_silu()?,
-                Op::Hardswish {} => a.f_hardswish()?,
-                Op::Sigmoid {} => a.f_sigmoid()?,
-                Op::Tanh {} => a.f_tanh()?,
-                Op::Dropout { p } => a.f_dropout(p, train)?,
-                Op::MaxPool2d {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    let (k, s, p) = (
-                        kernel as i64,
-                        stride.unwrap_or(kernel) as i64,
-                        padding as i64,
-                    );
-                    a.f_max_pool2d([k, k], [s, s], [p, p], [1, 1], false)?
-                }
-                Op::AvgPool2d {
-                    kernel,
-                    stride,
-                    padding,
-                } => {
-                    let (k, s, p) = (
-                        kernel as i64,
-                        stride.unwrap_or(kernel) as i64,
-                        padding as i64,
-                    );
-                    a.f_avg_pool2d([k, k], [s, s], [p, p], false, true, None::<i64>)?
-                }
-                Op::AdaptiveAvgPool2d { output } => {
-                    let [h, w] = output.hw();
-                    a.f_adaptive_avg_pool2d([h as i64, w as i64])?
-                }
                 Op::Flatten {} => a.f_flatten(1, -1)?,
                 Op::Add {} => {
                     let mut sum = a;
@@ -329,6 +285,7 @@ impl Network {
                     }
                     sum
                 }
+                ref op => same_on_every_channel(op, &a, train)?,
             };
             outs[i] = Some(y);
             for s in &node.inputs {
@@ -372,6 +329,69 @@ impl Network {
         state.set_arch(self.arch.spec());
         Ok(state)
     }
+}
+
+/// The ops that act on each channel (or each value) alone: activations,
+/// dropout and pooling. They run unchanged on a joint network's
+/// `[N, K*C, H, W]` activations, where the K members' channels sit side by
+/// side. Layers with parameters, flatten and add are the caller's.
+pub(crate) fn same_on_every_channel(op: &Op, a: &Tensor, train: bool) -> Result<Tensor> {
+    Ok(match *op {
+        Op::Relu {} => a.f_relu()?,
+        // tch binds hardtanh and leaky_relu without their scalars:
+        // clamp gives the same values (its gradient also passes at
+        // exactly min and max), `where` the same values and gradients.
+        Op::Relu6 {} => a.f_clamp(0.0, 6.0)?,
+        Op::Hardtanh { min, max } => a.f_clamp(min, max)?,
+        Op::LeakyRelu { slope } => {
+            let negative = a.f_mul_scalar(slope)?;
+            a.f_where_self(&a.f_gt(0.0)?, &negative)?
+        }
+        Op::Gelu { approximate } => a.f_gelu(approximate.as_str())?,
+        Op::Silu {} => a.f_silu()?,
+        Op::Hardswish {} => a.f_hardswish()?,
+        Op::Sigmoid {} => a.f_sigmoid()?,
+        Op::Tanh {} => a.f_tanh()?,
+        Op::Dropout { p } => a.f_dropout(p, train)?,
+        Op::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let (k, s, p) = (
+                kernel as i64,
+                stride.unwrap_or(kernel) as i64,
+                padding as i64,
+            );
+            a.f_max_pool2d([k, k], [s, s], [p, p], [1, 1], false)?
+        }
+        Op::AvgPool2d {
+            kernel,
+            stride,
+            padding,
+        } => {
+            let (k, s, p) = (
+                kernel as i64,
+                stride.unwrap_or(kernel) as i64,
+                padding as i64,
+            );
+            a.f_avg_pool2d([k, k], [s, s], [p, p], false, true, None::<i64>)?
+        }
+        Op::AdaptiveAvgPool2d { output } => {
+            let [h, w] = output.hw();
+            a.f_adaptive_avg_pool2d([h as i64, w as i64])?
+        }
+        Op::Linear { .. }
+        | Op::Conv2d { .. }
+        | Op::BatchNorm { .. }
+        | Op::Flatten {}
+        | Op::Add {} => {
+            return Err(RuntimeError::spec(format!(
+                "`{}` is not a per-channel op",
+                op.kind()
+            )))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! are not bit-reproducible.
 
 mod eval;
+mod joint;
 mod sgd;
 mod state_file;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 pub use eval::{evaluate, evaluate_ensemble, Evaluation};
+pub use joint::{evaluate_joint, train_joint, JointHooks, JointOutcome};
 pub use nt_spec::train::{Distill, Schedule, TrainConfig};
 pub use sgd::{Sgd, SgdConfig};
 pub use state_file::{train_state_from_bytes, train_state_to_bytes, META_TRAIN_STATE};
@@ -120,6 +122,33 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     rng.next_u64()
 }
 
+/// Epoch `epoch`'s data order (a device permutation) and augmentation
+/// draws for `config.seed`.
+fn epoch_order(
+    config: &TrainConfig,
+    len: usize,
+    epoch: usize,
+    device: tch::Device,
+) -> Result<(Tensor, Option<AugmentDraws>)> {
+    let seed = epoch_seed(config.seed, epoch);
+    let order: Vec<i64> = permutation(len, seed)
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    let order = Tensor::from_slice(&order).f_to_device(device)?;
+    let draws = if config.augment.is_off() {
+        None
+    } else {
+        Some(AugmentDraws::new(
+            len,
+            &config.augment,
+            seed ^ 0xa5a5,
+            device,
+        )?)
+    };
+    Ok((order, draws))
+}
+
 /// A network initialised for `seed` with PyTorch's distributions.
 pub fn init_network(arch: &Architecture, device: tch::Device, seed: u64) -> Result<Network> {
     Network::init(arch, device, seed)
@@ -137,6 +166,36 @@ fn teacher_logits(teachers: &[Network], x: &Tensor) -> Result<Tensor> {
     }
     let sum = sum.ok_or_else(|| RuntimeError::spec("distillation needs at least one teacher"))?;
     Ok(sum.f_div_scalar(teachers.len() as f64)?)
+}
+
+/// A member's loss from its logits and cross-entropy on `x`: the
+/// cross-entropy, or with `distill` its mix with the soft targets of the
+/// teachers' mean logits.
+fn member_loss(
+    logits: &Tensor,
+    ce: &Tensor,
+    x: &Tensor,
+    teachers: &[Network],
+    distill: Option<Distill>,
+) -> Result<Tensor> {
+    let Some(d) = distill else {
+        return Ok(ce.shallow_clone());
+    };
+    let n = logits.size()[0];
+    let t = teacher_logits(teachers, x)?;
+    let soft_targets = t.f_div_scalar(d.temperature)?.f_softmax(-1, Kind::Float)?;
+    let log_probs = logits
+        .f_div_scalar(d.temperature)?
+        .f_log_softmax(-1, Kind::Float)?;
+    let soft = soft_targets
+        .f_mul(&log_probs)?
+        .f_sum(Kind::Float)?
+        .f_neg()?
+        .f_div_scalar(n as f64)?
+        .f_mul_scalar(d.temperature * d.temperature)?;
+    Ok(soft
+        .f_mul_scalar(d.weight)?
+        .f_add(&ce.f_mul_scalar(1.0 - d.weight)?)?)
 }
 
 /// Trains `net` on `train`, evaluating on `eval` after every epoch. With
@@ -199,24 +258,9 @@ pub fn train(
 
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.lr, epoch, config.epochs);
-        let seed = epoch_seed(config.seed, epoch);
         // Dropout is the one user of libtorch's global generator.
-        tch::manual_seed(seed as i64);
-        let order: Vec<i64> = permutation(train.len, seed)
-            .into_iter()
-            .map(|i| i as i64)
-            .collect();
-        let order = Tensor::from_slice(&order).f_to_device(device)?;
-        let draws = if config.augment.is_off() {
-            None
-        } else {
-            Some(AugmentDraws::new(
-                train.len,
-                &config.augment,
-                seed ^ 0xa5a5,
-                device,
-            )?)
-        };
+        tch::manual_seed(epoch_seed(config.seed, epoch) as i64);
+        let (order, draws) = epoch_order(config, train.len, epoch, device)?;
 
         let start = Instant::now();
         let mut window_start = Instant::now();
@@ -238,24 +282,7 @@ pub fn train(
             let n = y.size()[0] as usize;
             let logits = net.forward_with(&x, true, precision)?;
             let ce = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
-            let loss = match distill {
-                None => ce,
-                Some(d) => {
-                    let t = teacher_logits(teachers, &x)?;
-                    let soft_targets = t.f_div_scalar(d.temperature)?.f_softmax(-1, Kind::Float)?;
-                    let log_probs = logits
-                        .f_div_scalar(d.temperature)?
-                        .f_log_softmax(-1, Kind::Float)?;
-                    let soft = soft_targets
-                        .f_mul(&log_probs)?
-                        .f_sum(Kind::Float)?
-                        .f_neg()?
-                        .f_div_scalar(n as f64)?
-                        .f_mul_scalar(d.temperature * d.temperature)?;
-                    soft.f_mul_scalar(d.weight)?
-                        .f_add(&ce.f_mul_scalar(1.0 - d.weight)?)?
-                }
-            };
+            let loss = member_loss(&logits, &ce, &x, teachers, distill)?;
             // Gradients come back as tensors rather than accumulating into
             // `.grad`, so nothing needs zeroing between steps.
             let grads = Tensor::f_run_backward(&[&loss], &net.trainable(), false, false)?;
