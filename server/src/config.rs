@@ -26,6 +26,11 @@ pub struct SchedulerArgs {
     /// renewing (a crashed coordinator), and is refused if it renews.
     #[arg(long, env = "NT_STORE_LEASE_TTL_MS", default_value_t = 15_000)]
     pub store_lease_ttl_ms: u64,
+    /// Device memory, in bytes, that a joint task may be estimated to take:
+    /// with `members.joint: auto` (the default) a GPU run's members, and
+    /// later its fine-tunings, train as one task when they fit it.
+    #[arg(long, env = "NT_JOINT_MEMORY_BUDGET", default_value_t = CoordinatorConfig::default().joint_memory_budget)]
+    pub joint_memory_budget: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -69,6 +74,7 @@ impl SchedulerArgs {
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms.max(50)),
             limits: self.limits.limits(),
             store_lease_ttl: Duration::from_millis(self.store_lease_ttl_ms.max(300)),
+            joint_memory_budget: self.joint_memory_budget,
             ..CoordinatorConfig::default()
         }
     }

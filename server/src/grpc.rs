@@ -244,7 +244,14 @@ impl pb::worker_service_server::WorkerService for WorkerService {
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
         let r = req.into_inner();
         self.coordinator
-            .fail(&r.worker_id, &r.task_id, r.attempt, &r.error, r.retryable)
+            .fail(
+                &r.worker_id,
+                &r.task_id,
+                r.attempt,
+                &r.error,
+                r.retryable,
+                r.split,
+            )
             .await?;
         Ok(Response::new(pb::FailTaskResponse {}))
     }

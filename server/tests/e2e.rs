@@ -885,6 +885,7 @@ async fn a_wrong_worker_token_is_unauthenticated_and_changes_nothing() {
                 attempt: leased.attempt,
                 error: "intruder".into(),
                 retryable: false,
+                split: false,
             })
             .await
             .map(drop),

@@ -28,5 +28,5 @@ pub use file::RunSpecFile;
 pub use joint::JointMode;
 pub use limits::Limits;
 pub use plan::{Compare, Device, MemberPlan, Plan};
-pub use task::{EvalItem, Job, TaskPlan, TaskWork};
+pub use task::{EvalItem, Job, JointPhase, TaskPlan, TaskWork};
 pub use train::{Distill, Schedule, TrainConfig};

@@ -30,6 +30,39 @@ pub enum TaskWork {
     /// Member 0 trained on for the fine-tuning epochs (the compute-matched baseline).
     Baseline,
     Evaluate,
+    /// The `models` models of one phase trained as one batched job; their
+    /// own tasks name this one as their group.
+    Joint {
+        phase: JointPhase,
+        models: usize,
+    },
+}
+
+/// The phase a joint task trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JointPhase {
+    /// The members.
+    Members,
+    /// The fine-tunings of the fused models, and the baseline.
+    FineTunings,
+}
+
+impl JointPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JointPhase::Members => "members",
+            JointPhase::FineTunings => "fine-tunings",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<JointPhase> {
+        match text {
+            "members" => Some(JointPhase::Members),
+            "fine-tunings" => Some(JointPhase::FineTunings),
+            _ => None,
+        }
+    }
 }
 
 impl TaskWork {
@@ -47,6 +80,7 @@ impl TaskWork {
             } => format!("fine-tune-{method}-distilled"),
             TaskWork::Baseline => "baseline".into(),
             TaskWork::Evaluate => "evaluate".into(),
+            TaskWork::Joint { phase, .. } => format!("{}-joint", phase.as_str()),
         }
     }
 
@@ -63,6 +97,14 @@ impl TaskWork {
             } => format!("{method} fine-tuning (distilled)"),
             TaskWork::Baseline => "baseline".into(),
             TaskWork::Evaluate => "evaluation".into(),
+            TaskWork::Joint {
+                phase: JointPhase::Members,
+                models,
+            } => format!("members 0-{} (joint)", models.saturating_sub(1)),
+            TaskWork::Joint {
+                phase: JointPhase::FineTunings,
+                models,
+            } => format!("{models} fine-tunings (joint)"),
         }
     }
 
@@ -71,6 +113,7 @@ impl TaskWork {
             TaskWork::Train { .. } => pb::TaskKind::Train,
             TaskWork::FineTune { .. } | TaskWork::Baseline => pb::TaskKind::FineTune,
             TaskWork::Evaluate => pb::TaskKind::Evaluate,
+            TaskWork::Joint { .. } => pb::TaskKind::Joint,
         }
     }
 
@@ -88,7 +131,7 @@ impl TaskWork {
                 distilled: true,
             } => Some(format!("{method} after distilled fine-tuning")),
             TaskWork::Baseline => Some("baseline".into()),
-            TaskWork::Evaluate => None,
+            TaskWork::Evaluate | TaskWork::Joint { .. } => None,
         }
     }
 }
@@ -113,6 +156,11 @@ pub enum Job {
     },
     /// Evaluate each item on the test set.
     Evaluate { items: Vec<EvalItem> },
+    /// Train the parts as one batched job: each a `Train` or `FineTune`
+    /// task of its own (id, label, output prefix), sharing this plan's
+    /// architecture, data, device and evaluation batch. This plan's
+    /// `resume_state` and `output_prefix` hold the joint epoch states.
+    Joint { parts: Vec<TaskPlan> },
 }
 
 /// One attempt of one task.
@@ -134,12 +182,30 @@ pub struct TaskPlan {
     pub resume_state: Option<String>,
 }
 
+/// Equal when every field is, the architecture by its spec.
+impl PartialEq for TaskPlan {
+    fn eq(&self, other: &Self) -> bool {
+        self.task_id == other.task_id
+            && self.run_id == other.run_id
+            && self.attempt == other.attempt
+            && self.label == other.label
+            && self.arch.spec() == other.arch.spec()
+            && self.data == other.data
+            && self.job == other.job
+            && self.device == other.device
+            && self.eval_batch == other.eval_batch
+            && self.output_prefix == other.output_prefix
+            && self.resume_state == other.resume_state
+    }
+}
+
 impl TaskPlan {
     pub fn kind(&self) -> pb::TaskKind {
         match self.job {
             Job::Train { .. } => pb::TaskKind::Train,
             Job::FineTune { .. } => pb::TaskKind::FineTune,
             Job::Evaluate { .. } => pb::TaskKind::Evaluate,
+            Job::Joint { .. } => pb::TaskKind::Joint,
         }
     }
 
@@ -184,6 +250,7 @@ impl TaskPlan {
                     })
                     .collect();
             }
+            Job::Joint { parts } => task.parts = parts.iter().map(TaskPlan::to_wire).collect(),
         }
         task
     }
@@ -222,6 +289,9 @@ impl TaskPlan {
                     })
                     .collect(),
             },
+            Ok(pb::TaskKind::Joint) => Job::Joint {
+                parts: joint_parts(&task.parts)?,
+            },
             Ok(pb::TaskKind::Unspecified) | Err(_) => {
                 return Err(SpecError::new(
                     "kind",
@@ -242,5 +312,145 @@ impl TaskPlan {
             output_prefix: task.output_prefix.clone(),
             resume_state: (!task.resume_state.is_empty()).then(|| task.resume_state.clone()),
         })
+    }
+}
+
+/// The parts of a joint task: at least two, each a training or a
+/// fine-tuning (never another joint task), read as tasks of their own.
+fn joint_parts(parts: &[pb::Task]) -> Result<Vec<TaskPlan>, SpecError> {
+    if parts.len() < 2 {
+        return Err(SpecError::new(
+            "parts",
+            format!(
+                "a joint task trains at least two models, got {}",
+                parts.len()
+            ),
+        ));
+    }
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            match pb::TaskKind::try_from(part.kind) {
+                Ok(pb::TaskKind::Train | pb::TaskKind::FineTune) => {}
+                _ => {
+                    return Err(SpecError::new(
+                        format!("parts[{i}].kind"),
+                        format!(
+                            "a joint task's parts train or fine-tune, not {}",
+                            pb::TaskKind::try_from(part.kind)
+                                .map_or_else(|_| part.kind.to_string(), |k| k.as_str_name().into())
+                        ),
+                    ))
+                }
+            }
+            TaskPlan::from_wire(part)
+                .map_err(|e| SpecError::new(format!("parts[{i}].{}", e.field), e.message))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::Distill;
+
+    fn part(local: &str, job: Job) -> TaskPlan {
+        TaskPlan {
+            task_id: format!("run-1/{local}"),
+            run_id: "run-1".into(),
+            attempt: 2,
+            label: local.into(),
+            arch: Architecture::new(fusion::arch::preset("mlp").unwrap()).unwrap(),
+            data: DataSpec::fashion_mnist(),
+            job,
+            device: Device::Gpu,
+            eval_batch: 512,
+            output_prefix: format!("runs/run-1/tasks/{local}/attempt-2"),
+            resume_state: None,
+        }
+    }
+
+    fn joint() -> TaskPlan {
+        let config = |seed| TrainConfig {
+            seed,
+            ..TrainConfig::default()
+        };
+        let parts = vec![
+            part("member-0", Job::Train { config: config(1) }),
+            part(
+                "fine-tune-nt-distilled",
+                Job::FineTune {
+                    config: TrainConfig {
+                        distill: Some(Distill::default()),
+                        ..config(1000)
+                    },
+                    init: "runs/run-1/fused/nt.safetensors".into(),
+                    teachers: vec!["a".into(), "b".into()],
+                },
+            ),
+        ];
+        TaskPlan {
+            resume_state: Some(
+                "runs/run-1/tasks/members-joint/attempt-1/epoch-0002.state.safetensors".into(),
+            ),
+            ..part("members-joint", Job::Joint { parts })
+        }
+    }
+
+    #[test]
+    fn a_joint_task_round_trips_with_its_parts() {
+        let plan = joint();
+        let wire = plan.to_wire();
+        assert_eq!(wire.kind(), pb::TaskKind::Joint);
+        assert_eq!(wire.parts.len(), 2);
+        assert_eq!(wire.parts[1].kind(), pb::TaskKind::FineTune);
+        assert_eq!(wire.parts[1].teacher_checkpoints, ["a", "b"]);
+        assert_eq!(TaskPlan::from_wire(&wire).unwrap(), plan);
+    }
+
+    #[test]
+    fn a_joint_task_without_trainable_parts_is_refused_naming_the_field() {
+        let refused = |change: &dyn Fn(&mut pb::Task)| {
+            let mut wire = joint().to_wire();
+            change(&mut wire);
+            TaskPlan::from_wire(&wire).unwrap_err()
+        };
+        let e = refused(&|t| t.parts.clear());
+        assert_eq!(e.field, "parts");
+        assert!(e.message.contains("at least two"), "{e}");
+        let e = refused(&|t| t.parts.truncate(1));
+        assert_eq!(e.field, "parts");
+        let e = refused(&|t| t.parts[1].kind = pb::TaskKind::Evaluate as i32);
+        assert_eq!(e.field, "parts[1].kind");
+        assert!(e.message.contains("TASK_KIND_EVALUATE"), "{e}");
+        let nested = joint().to_wire();
+        let e = refused(&|t| t.parts[0] = nested.clone());
+        assert_eq!(e.field, "parts[0].kind");
+        assert!(e.message.contains("TASK_KIND_JOINT"), "{e}");
+        let e = refused(&|t| t.parts[1].init_checkpoint.clear());
+        assert_eq!(e.field, "parts[1].init_checkpoint");
+    }
+
+    #[test]
+    fn joint_tasks_are_named_after_their_phase() {
+        let members = TaskWork::Joint {
+            phase: JointPhase::Members,
+            models: 4,
+        };
+        assert_eq!(members.local_name(), "members-joint");
+        assert_eq!(members.label(), "members 0-3 (joint)");
+        assert_eq!(members.kind(), pb::TaskKind::Joint);
+        assert_eq!(members.model_name(), None);
+        let fine = TaskWork::Joint {
+            phase: JointPhase::FineTunings,
+            models: 3,
+        };
+        assert_eq!(fine.local_name(), "fine-tunings-joint");
+        assert_eq!(fine.label(), "3 fine-tunings (joint)");
+        assert_eq!(
+            JointPhase::parse("fine-tunings"),
+            Some(JointPhase::FineTunings)
+        );
     }
 }

@@ -15,11 +15,11 @@ use nt_proto::v1 as pb;
 use nt_runtime::data::{DataCache, DataSpec, FileSource, Listed, LoadReport, LocalDir};
 use nt_runtime::job::{
     self, ArchOf, EvalJob, JobHooks, JobIo, ModelRef, Normalize, Provenance, Start, Started,
-    TrainJob,
+    TrainJob, Trained,
 };
 use nt_runtime::train::{EpochRecord, Evaluation, Progress};
 use nt_runtime::RuntimeError;
-use nt_spec::{EvalItem, Job, TaskPlan, TrainConfig};
+use nt_spec::{EvalItem, Job, TaskPlan};
 use tch::Device;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::UnboundedSender;
@@ -75,11 +75,17 @@ pub enum TaskError {
     /// The task itself is wrong (bad data, bad checkpoint); retrying cannot help.
     #[error("{0}")]
     Fatal(String),
+    /// A joint task's models cannot train jointly here (refused, or the
+    /// device has no room for them all): the coordinator trains them apart.
+    #[error("{0}")]
+    NotJoint(String),
 }
 
 impl From<RuntimeError> for TaskError {
     fn from(e: RuntimeError) -> Self {
-        if e.is_retryable() {
+        if let RuntimeError::NotJoint(why) = e {
+            TaskError::NotJoint(why)
+        } else if e.is_retryable() {
             TaskError::Retryable(e.to_string())
         } else {
             TaskError::Fatal(e.to_string())
@@ -93,6 +99,8 @@ pub struct ProgressMessage {
     pub progress: Option<pb::TaskProgress>,
     pub checkpoint: Option<(String, u32)>,
     pub epoch: Option<pb::CurvePoint>,
+    /// The part of a joint task the progress and the epoch are about.
+    pub part: Option<u32>,
 }
 
 /// What an attempt needs from its worker.
@@ -281,6 +289,32 @@ impl JobHooks for Hooks<'_> {
     }
 
     fn progress(&mut self, p: &Progress) {
+        self.send(None, p);
+    }
+
+    fn epoch_saved(&mut self, epoch: usize, key: &str) {
+        let _ = self.progress.send(ProgressMessage {
+            progress: None,
+            checkpoint: Some((key.to_string(), epoch as u32)),
+            epoch: None,
+            part: None,
+        });
+    }
+
+    fn epoch_save_failed(&mut self, _epoch: usize, error: RuntimeError) -> nt_runtime::Result<()> {
+        // Training can go on; a retry would resume from an older state.
+        tracing::warn!(error = %error, "writing an epoch checkpoint");
+        Ok(())
+    }
+
+    fn should_stop(&self) -> bool {
+        self.control.stopped().is_some()
+    }
+}
+
+impl Hooks<'_> {
+    /// Progress (of a joint task's `part`) to the coordinator.
+    fn send(&mut self, part: Option<u32>, p: &Progress) {
         let _ = self.progress.send(ProgressMessage {
             progress: Some(pb::TaskProgress {
                 epoch: p.epoch as u32,
@@ -298,25 +332,8 @@ impl JobHooks for Hooks<'_> {
             }),
             checkpoint: None,
             epoch: p.epoch_end.as_ref().map(curve_point),
+            part,
         });
-    }
-
-    fn epoch_saved(&mut self, epoch: usize, key: &str) {
-        let _ = self.progress.send(ProgressMessage {
-            progress: None,
-            checkpoint: Some((key.to_string(), epoch as u32)),
-            epoch: None,
-        });
-    }
-
-    fn epoch_save_failed(&mut self, _epoch: usize, error: RuntimeError) -> nt_runtime::Result<()> {
-        // Training can go on; a retry would resume from an older state.
-        tracing::warn!(error = %error, "writing an epoch checkpoint");
-        Ok(())
-    }
-
-    fn should_stop(&self) -> bool {
-        self.control.stopped().is_some()
     }
 }
 
@@ -335,34 +352,12 @@ pub fn execute(
     let device = task_device(plan.device, env.device);
     let io = StoreIo(env);
     let mut hooks = Hooks { progress, control };
-    let given = |key: &String| ModelRef {
-        key: key.clone(),
-        arch: ArchOf::Given(plan.arch.clone()),
-    };
     let done = match &plan.job {
-        Job::Train { config } => train(
-            &plan,
-            device,
-            config,
-            Start::Fresh(plan.arch.clone()),
-            Vec::new(),
-            &io,
-            &mut hooks,
-        ),
-        Job::FineTune {
-            config,
-            init,
-            teachers,
-        } => train(
-            &plan,
-            device,
-            config,
-            Start::Checkpoint(given(init)),
-            teachers.iter().map(given).collect(),
-            &io,
-            &mut hooks,
-        ),
+        Job::Train { .. } | Job::FineTune { .. } => train(&plan, device, &io, &mut hooks),
         Job::Evaluate { items } => evaluate(&plan, device, items, &io, &mut hooks),
+        Job::Joint { .. } => Err(RuntimeError::NotJoint(
+            "this worker does not train jointly yet".into(),
+        )),
     };
     let mut result = done.map_err(|e| match e {
         RuntimeError::Stopped => {
@@ -371,23 +366,36 @@ pub fn execute(
         e => e.into(),
     })?;
     result.compute_seconds = start.elapsed().as_secs_f64();
+    // A joint task's parts share its compute evenly.
+    let share = result.compute_seconds / result.parts.len().max(1) as f64;
+    for part in &mut result.parts {
+        part.compute_seconds = share;
+    }
     Ok(result)
 }
 
-fn train(
-    plan: &TaskPlan,
-    device: Device,
-    config: &TrainConfig,
-    start: Start,
-    teachers: Vec<ModelRef>,
-    io: &StoreIo<'_>,
-    hooks: &mut Hooks<'_>,
-) -> nt_runtime::Result<pb::TaskResult> {
-    let init = match &start {
-        Start::Checkpoint(m) => m.key.clone(),
-        Start::Fresh(_) => String::new(),
+/// The training job of a training or fine-tuning task (`None` for any
+/// other): from a fresh initialisation or its init checkpoint, distilling
+/// from its teachers, its epoch states and model under its own prefix.
+fn train_job(plan: &TaskPlan, device: Device) -> Option<TrainJob> {
+    let given = |key: &String| ModelRef {
+        key: key.clone(),
+        arch: ArchOf::Given(plan.arch.clone()),
     };
-    let job = TrainJob {
+    let (config, start, teachers) = match &plan.job {
+        Job::Train { config } => (config, Start::Fresh(plan.arch.clone()), Vec::new()),
+        Job::FineTune {
+            config,
+            init,
+            teachers,
+        } => (
+            config,
+            Start::Checkpoint(given(init)),
+            teachers.iter().map(given).collect(),
+        ),
+        Job::Evaluate { .. } | Job::Joint { .. } => return None,
+    };
+    Some(TrainJob {
         start,
         teachers,
         config: config.clone(),
@@ -400,8 +408,28 @@ fn train(
         provenance: Provenance::Run {
             run: plan.run_id.clone(),
         },
-    };
+    })
+}
+
+fn train(
+    plan: &TaskPlan,
+    device: Device,
+    io: &StoreIo<'_>,
+    hooks: &mut Hooks<'_>,
+) -> nt_runtime::Result<pb::TaskResult> {
+    let job = train_job(plan, device)
+        .ok_or_else(|| RuntimeError::Spec(format!("task `{}` trains nothing", plan.task_id)))?;
     let trained = job::run_training(&job, io, hooks)?;
+    Ok(trained_result(plan, &job, trained))
+}
+
+/// The result of a training job: its model, curve and scores (before, for
+/// a fine-tuning, and after), named by the task's label.
+fn trained_result(plan: &TaskPlan, job: &TrainJob, trained: Trained) -> pb::TaskResult {
+    let init = match &job.start {
+        Start::Checkpoint(m) => m.key.clone(),
+        Start::Fresh(_) => String::new(),
+    };
     if let Some(loaded) = &trained.data {
         tracing::info!(
             source = %loaded.source,
@@ -417,7 +445,7 @@ fn train(
         }
     }
     let parameters = plan.arch.parameter_count();
-    Ok(pb::TaskResult {
+    pb::TaskResult {
         checkpoint: trained.key.clone(),
         curve: trained.outcome.history.iter().map(curve_point).collect(),
         before: trained
@@ -427,10 +455,9 @@ fn train(
             data: trained.data.as_ref().map(data_load),
             ..model_report(&plan.label, parameters, trained.after, &trained.key)
         }),
-        evaluations: Vec::new(),
-        compute_seconds: 0.0,
         samples_per_second: trained.outcome.samples_per_second,
-    })
+        ..Default::default()
+    }
 }
 
 fn evaluate(

@@ -216,6 +216,7 @@ impl Worker {
             Err(TaskError::Stopped(StopReason::Shutdown)) => "released",
             Err(TaskError::Stopped(_)) => "stopped",
             Err(TaskError::Retryable(_) | TaskError::Fatal(_)) => "failed",
+            Err(TaskError::NotJoint(_)) => "split",
         };
         self.metrics.tasks.with_label_values(&[outcome_label]).inc();
         self.metrics.running.dec();
@@ -224,16 +225,13 @@ impl Worker {
         match outcome {
             Ok(result) => self.complete(&task, result).await,
             Err(TaskError::Stopped(StopReason::Shutdown)) => {
-                self.fail(
-                    &task,
-                    "released: the worker shut down before the task finished",
-                    true,
-                )
-                .await
+                let why = "released: the worker shut down before the task finished";
+                self.fail(&task, why, Failure::Retryable).await
             }
             Err(TaskError::Stopped(reason)) => info!(?reason, "task stopped"),
-            Err(TaskError::Retryable(e)) => self.fail(&task, &e, true).await,
-            Err(TaskError::Fatal(e)) => self.fail(&task, &e, false).await,
+            Err(TaskError::Retryable(e)) => self.fail(&task, &e, Failure::Retryable).await,
+            Err(TaskError::Fatal(e)) => self.fail(&task, &e, Failure::Fatal).await,
+            Err(TaskError::NotJoint(e)) => self.fail(&task, &e, Failure::Split).await,
         }
     }
 
@@ -246,16 +244,22 @@ impl Worker {
         control: Arc<TaskControl>,
     ) {
         while let Some(first) = rx.recv().await {
-            // Coalesce a backlog: keep every checkpoint and epoch, the latest progress.
+            // Coalesce a backlog: keep every checkpoint and epoch, the
+            // latest progress (of each part of a joint task).
             let mut batch = vec![first];
             while let Ok(m) = rx.try_recv() {
                 batch.push(m);
             }
-            let last_plain = batch
-                .iter()
-                .rposition(|m| m.checkpoint.is_none() && m.epoch.is_none());
-            for (i, m) in batch.into_iter().enumerate() {
-                if m.checkpoint.is_none() && m.epoch.is_none() && Some(i) != last_plain {
+            let plain = |m: &ProgressMessage| m.checkpoint.is_none() && m.epoch.is_none();
+            let superseded = |i: usize, batch: &[ProgressMessage]| {
+                plain(&batch[i])
+                    && batch[i + 1..]
+                        .iter()
+                        .any(|later| plain(later) && later.part == batch[i].part)
+            };
+            let keep: Vec<bool> = (0..batch.len()).map(|i| !superseded(i, &batch)).collect();
+            for (m, keep) in batch.into_iter().zip(keep) {
+                if !keep {
                     continue;
                 }
                 if let Some(p) = m.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
@@ -270,6 +274,7 @@ impl Worker {
                     checkpoint,
                     checkpoint_epoch,
                     epoch: m.epoch,
+                    part: m.part,
                 };
                 match self.link.progress(req).await {
                     Ok(r) => self.apply(&[pb::TaskInstruction {
@@ -303,14 +308,15 @@ impl Worker {
         }
     }
 
-    async fn fail(&self, task: &pb::Task, error: &str, retryable: bool) {
-        warn!(error, retryable, "task failed");
+    async fn fail(&self, task: &pb::Task, error: &str, failure: Failure) {
+        warn!(error, ?failure, "task failed");
         let req = pb::FailTaskRequest {
             worker_id: String::new(), // the link fills it in
             task_id: task.task_id.clone(),
             attempt: task.attempt,
             error: error.to_string(),
-            retryable,
+            retryable: failure == Failure::Retryable,
+            split: failure == Failure::Split,
         };
         match self.link.fail(req).await {
             Ok(()) => {}
@@ -318,6 +324,17 @@ impl Worker {
             Err(e) => gave_up(&e),
         }
     }
+}
+
+/// How an attempt failed, as FailTask says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Another attempt may succeed.
+    Retryable,
+    /// No attempt will.
+    Fatal,
+    /// A joint task's models cannot train jointly here: train them apart.
+    Split,
 }
 
 fn gave_up(e: &LinkError) {

@@ -9,7 +9,8 @@ pub struct WorkerMetrics {
     /// 1 once registered with the coordinator.
     pub registered: IntGauge,
     pub running: IntGauge,
-    /// Finished attempts by outcome: completed, failed, stopped, released.
+    /// Finished attempts by outcome: completed, failed, stopped, released,
+    /// split (a joint task whose models could not train jointly here).
     pub tasks: IntCounterVec,
     pub samples_per_second: Gauge,
 }

@@ -173,6 +173,7 @@ impl SimWorker {
                             attempt: task.attempt,
                             error: format!("soak worker: {e}"),
                             retryable: true,
+                            split: false,
                         }),
                     )
                     .await;
@@ -271,6 +272,7 @@ impl SimWorker {
                     checkpoint_epoch: u32::from(!checkpoint.is_empty()),
                     checkpoint,
                     epoch: (kind != pb::TaskKind::Evaluate).then(|| curve_point(1)),
+                    part: None,
                 }),
             )
             .await;

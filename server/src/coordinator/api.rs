@@ -29,6 +29,10 @@ pub struct CoordinatorConfig {
     /// How long the store lease lives without a renewal: a second
     /// coordinator waits this long before taking over from a silent one.
     pub store_lease_ttl: Duration,
+    /// The device memory, in bytes, a joint task may be estimated to take
+    /// ([`nt_spec::joint::memory_bytes`]): with `members.joint: auto`, a GPU
+    /// run's members (and its fine-tunings) train as one task when they fit.
+    pub joint_memory_budget: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -41,6 +45,7 @@ impl Default for CoordinatorConfig {
             lease_retry_backoff: Duration::from_secs(1),
             limits: nt_spec::Limits::default(),
             store_lease_ttl: Duration::from_secs(15),
+            joint_memory_budget: 16 << 30,
         }
     }
 }
@@ -93,7 +98,9 @@ pub trait WorkerApi {
         worker_id: &str,
         req: pb::ReportProgressRequest,
     ) -> Result<pb::TaskDirective>;
-    /// Accepts a result, or refuses it (FailedPrecondition) when the lease was lost.
+    /// Accepts a result, or refuses it (FailedPrecondition) when the lease
+    /// was lost. A joint task's result has one part per model it trains
+    /// (InvalidArgument otherwise), each accepted as that model's own.
     async fn complete(
         &self,
         worker_id: &str,
@@ -101,6 +108,8 @@ pub trait WorkerApi {
         attempt: u32,
         result: pb::TaskResult,
     ) -> Result<()>;
+    /// A failed attempt. `split`: a joint task's models cannot train
+    /// jointly on the worker; they are queued as tasks of their own.
     async fn fail(
         &self,
         worker_id: &str,
@@ -108,5 +117,6 @@ pub trait WorkerApi {
         attempt: u32,
         error: &str,
         retryable: bool,
+        split: bool,
     ) -> Result<()>;
 }

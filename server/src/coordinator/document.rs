@@ -159,6 +159,10 @@ pub struct TaskRecord {
     pub outcome: Option<Outcome>,
     /// Compute seconds of every attempt that ended with a result.
     pub compute_seconds: f64,
+    /// The local name of the joint task that trains this model: its lease,
+    /// attempt and worker are mirrored here, and messages naming this task
+    /// are refused. Empty: the task runs itself.
+    pub group: String,
 }
 
 impl TaskRecord {
@@ -175,6 +179,7 @@ impl TaskRecord {
             curve: Vec::new(),
             outcome: None,
             compute_seconds: 0.0,
+            group: String::new(),
         }
     }
 }

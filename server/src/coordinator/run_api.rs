@@ -83,7 +83,9 @@ impl RunApi for Coordinator {
         if !request_id.is_empty() {
             run_id = self.store.claim_request(&request_id, &run_id).await?;
         }
-        let (book, effects) = Runbook::submit(&run_id, &request_id, spec, Arc::new(plan), now_ms());
+        let budget = self.config.joint_memory_budget;
+        let (book, effects) =
+            Runbook::submit(&run_id, &request_id, spec, Arc::new(plan), budget, now_ms());
         // Nothing is kept, and nothing runs, unless the run was stored.
         let run = self.insert(book, effects).await?;
         info!(run_id = %run_id, "run submitted");

@@ -13,18 +13,27 @@
 //! pending after a retryable failure or an expired lease until the plan's
 //! `max_attempts` are used; then failed, which fails the run. A result or
 //! report from an attempt that no longer holds its lease is refused.
+//!
+//! Joint training ([`joint`]): the models of a phase (the members, or the
+//! fine-tunings) may be trained by one joint task. Their own records stay
+//! (their checkpoints, curves and scores are theirs) but name the joint
+//! task as their group: only the joint task is queued and leased, its
+//! state, attempt and worker are mirrored onto them, and its result holds
+//! one part per model, each accepted as that model's own task's would be.
 
 use std::sync::Arc;
 
-use nt_common::layout;
 use nt_proto::v1 as pb;
-use nt_spec::{Device, MemberPlan, Plan, TaskPlan, TaskWork};
+use nt_spec::{Device, JointPhase, MemberPlan, Plan, TaskPlan, TaskWork};
 
 use super::document::{
     task_id, CurvePoint, FusedRecord, Outcome, Progress, RunDocument, RunState, StoredSpec,
     TaskRecord, TaskState, FORMAT,
 };
 use crate::error::{CoordinatorError, Result};
+
+mod events;
+mod joint;
 
 /// What the driver does after a transition was stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,6 +66,9 @@ pub struct Report {
     pub checkpoint: Option<(String, u32)>,
     /// A finished epoch of the learning curve.
     pub epoch: Option<CurvePoint>,
+    /// A joint task's part the progress and the epoch are about (the epoch
+    /// state is the joint task's own). A part it does not have is dropped.
+    pub part: Option<usize>,
 }
 
 /// A result a worker delivered.
@@ -65,6 +77,9 @@ pub struct Delivery {
     pub outcome: Outcome,
     pub curve: Vec<CurvePoint>,
     pub compute_seconds: f64,
+    /// A joint task's result: one per part, in order. Each part's compute
+    /// seconds are its share of the attempt's.
+    pub parts: Vec<Delivery>,
 }
 
 /// One run: its stored document and its validated plan.
@@ -72,6 +87,9 @@ pub struct Delivery {
 pub struct Runbook {
     pub doc: RunDocument,
     pub plan: Arc<Plan>,
+    /// The coordinator's `--joint-memory-budget`: `members.joint: auto`
+    /// joins a phase's models when they are estimated to fit it.
+    pub joint_budget: u64,
 }
 
 type Effects = Vec<Effect>;
@@ -84,6 +102,7 @@ impl Runbook {
         request_id: &str,
         spec: pb::RunSpec,
         plan: Arc<Plan>,
+        joint_budget: u64,
         now: i64,
     ) -> (Runbook, Effects) {
         let mut book = Runbook {
@@ -106,14 +125,14 @@ impl Runbook {
                 fused: Vec::new(),
             },
             plan,
+            joint_budget,
         };
         let mut fx = Vec::new();
         book.emit_state(now, &mut fx);
         match &book.plan.members.clone() {
             MemberPlan::Train(configs) => {
-                for member in 0..configs.len() {
-                    book.add_task(TaskWork::Train { member }, now, &mut fx);
-                }
+                let members = (0..configs.len()).map(|member| TaskWork::Train { member });
+                book.add_phase(JointPhase::Members, members.collect(), now, &mut fx);
             }
             MemberPlan::Existing(keys) => {
                 book.doc.member_keys = keys.clone();
@@ -130,23 +149,27 @@ impl Runbook {
     /// (unless a run emitted more than a thousand events per millisecond).
     /// Sequence numbers thus stay unique and increasing across restarts, and
     /// a watcher that reconnects sees every later event, the final one too.
-    pub fn restore(mut doc: RunDocument, plan: Arc<Plan>, now: i64) -> Runbook {
+    pub fn restore(mut doc: RunDocument, plan: Arc<Plan>, joint_budget: u64, now: i64) -> Runbook {
         if !doc.state.is_final() {
             let floor = u64::try_from(now).unwrap_or(0).saturating_mul(1000);
             doc.event_sequence = doc.event_sequence.max(floor);
         }
-        Runbook { doc, plan }
+        Runbook {
+            doc,
+            plan,
+            joint_budget,
+        }
     }
 
     /// What a restarted coordinator does to carry on: queue pending tasks,
     /// give running ones a fresh lease for their workers to reclaim, start
-    /// an interrupted fusion again.
+    /// an interrupted fusion again. Models trained by a joint task are its.
     pub fn recover(&self) -> Effects {
         let mut fx = Vec::new();
         if self.doc.state.is_final() {
             return fx;
         }
-        for t in &self.doc.tasks {
+        for t in self.doc.tasks.iter().filter(|t| t.group.is_empty()) {
             let task = self.task_id(t);
             match t.state {
                 TaskState::Pending => fx.push(Effect::Queue {
@@ -183,7 +206,8 @@ impl Runbook {
     }
 
     /// The task an attempt's message is about, when that attempt holds its
-    /// lease; otherwise what to tell the worker.
+    /// lease; otherwise what to tell the worker. A model trained by a joint
+    /// task holds no lease of its own: messages naming it are refused.
     pub fn check(
         &self,
         local: &str,
@@ -192,6 +216,7 @@ impl Runbook {
         let i = self
             .doc
             .task_index(local)
+            .filter(|&i| self.doc.tasks[i].group.is_empty())
             .ok_or(pb::TaskDirective::LeaseLost)?;
         if self.doc.state == RunState::Cancelled {
             return Err(pb::TaskDirective::Cancel);
@@ -218,38 +243,13 @@ impl Runbook {
         Ok(i)
     }
 
-    /// Where an accepted result of task `i` goes (training and fine-tuning).
-    pub fn canonical_key(&self, i: usize) -> Option<String> {
-        let run = &self.doc.run_id;
-        match &self.doc.tasks[i].work {
-            TaskWork::Train { member } => Some(layout::member(run, *member)),
-            TaskWork::FineTune {
-                method,
-                distilled: false,
-            } => Some(layout::fine_tuned(run, method.as_str())),
-            TaskWork::FineTune {
-                method,
-                distilled: true,
-            } => Some(layout::fine_tuned_distilled(run, method.as_str())),
-            TaskWork::Baseline => Some(layout::baseline(run)),
-            TaskWork::Evaluate => None,
-        }
-    }
-
-    /// The prefix an attempt of task `i` writes under.
-    pub fn attempt_prefix(&self, i: usize, attempt: u32) -> String {
-        layout::attempt_prefix(
-            &self.doc.run_id,
-            &self.doc.tasks[i].work.local_name(),
-            attempt,
-        )
-    }
-
     /// Leases a pending task to a worker: the next attempt. `None` when the
-    /// task is no longer pending (the run was cancelled meanwhile).
+    /// task is no longer pending (the run was cancelled meanwhile) or is
+    /// trained by a joint task.
     pub fn lease(&mut self, local: &str, worker: &str, now: i64) -> Option<(TaskPlan, Effects)> {
         let i = self.doc.task_index(local)?;
-        if self.doc.state.is_final() || self.doc.tasks[i].state != TaskState::Pending {
+        let t = &self.doc.tasks[i];
+        if self.doc.state.is_final() || t.state != TaskState::Pending || !t.group.is_empty() {
             return None;
         }
         let mut fx = Vec::new();
@@ -259,6 +259,7 @@ impl Runbook {
         t.progress = None;
         t.curve.clear();
         self.set_task_state(i, TaskState::Running, "", now, &mut fx);
+        self.mirror(i, TaskState::Running, "", now, &mut fx);
         if self.doc.state == RunState::Queued {
             self.set_run_state(RunState::Training, "", now, &mut fx);
         }
@@ -272,6 +273,7 @@ impl Runbook {
 
     /// A progress report of a running attempt. `Ok(true)` when it changed
     /// something that must be stored (a newer epoch state to resume from).
+    /// A joint task's part's progress and curve go to that model's record.
     pub fn progress(
         &mut self,
         local: &str,
@@ -290,6 +292,14 @@ impl Runbook {
                 durable = true;
             }
         }
+        let i = match report.part {
+            None => i,
+            Some(part) => match self.parts(i).get(part) {
+                Some(&j) => j,
+                None => return Ok(durable),
+            },
+        };
+        let t = &mut self.doc.tasks[i];
         if let Some(point) = report.epoch {
             t.curve.retain(|p| p.epoch < point.epoch);
             t.curve.push(point);
@@ -298,7 +308,7 @@ impl Runbook {
         if let Some(p) = report.progress {
             t.progress = Some(p.clone());
             let event = pb::run_event::Event::TaskProgress(pb::TaskProgressed {
-                task_id: task_id(&self.doc.run_id, local),
+                task_id: task_id(&self.doc.run_id, &t.work.local_name()),
                 label: t.work.label(),
                 progress: Some(pb::TaskProgress::from(&p)),
             });
@@ -308,6 +318,8 @@ impl Runbook {
     }
 
     /// Accepts an attempt's result; the run moves on when its phase is done.
+    /// A joint task's result has one part per model it trains (a single
+    /// task's none), each accepted as that model's own result.
     pub fn complete(
         &mut self,
         local: &str,
@@ -319,38 +331,38 @@ impl Runbook {
         let i = self
             .check(local, attempt)
             .map_err(|d| refusal(d, &id, attempt))?;
+        let parts = self.parts(i);
+        if delivery.parts.len() != parts.len() {
+            return Err(CoordinatorError::InvalidArgument(format!(
+                "parts: task `{id}` trains {} model(s) jointly, its result has {} part(s)",
+                parts.len(),
+                delivery.parts.len()
+            )));
+        }
         let mut fx = vec![Effect::Release { task: id }];
-        let canonical = self.canonical_key(i);
-        let t = &mut self.doc.tasks[i];
-        t.compute_seconds += delivery.compute_seconds;
-        if !delivery.curve.is_empty() {
-            t.curve = delivery.curve;
-        }
-        t.outcome = Some(delivery.outcome);
-        fx.push(Effect::TaskDone {
-            kind: t.work.kind(),
-            compute_seconds: t.compute_seconds,
-        });
-        if let TaskWork::Train { member } = t.work {
-            let keys = &mut self.doc.member_keys;
-            if keys.len() <= member {
-                keys.resize(member + 1, String::new());
+        if parts.is_empty() {
+            self.accept(i, delivery, now, &mut fx);
+        } else {
+            for (j, part) in parts.into_iter().zip(delivery.parts) {
+                self.accept(j, part, now, &mut fx);
             }
-            keys[member] = canonical.unwrap_or_default();
+            self.set_task_state(i, TaskState::Succeeded, "", now, &mut fx);
         }
-        self.set_task_state(i, TaskState::Succeeded, "", now, &mut fx);
         self.advance(now, &mut fx);
         Ok(fx)
     }
 
     /// An attempt that ended without a result: retried when `retryable` and
-    /// attempts remain, else the run fails.
+    /// attempts remain, else the run fails. `split` (a joint task whose
+    /// models cannot train jointly on the worker): its models are queued as
+    /// tasks of their own; for any other task it means nothing.
     pub fn fail(
         &mut self,
         local: &str,
         attempt: u32,
         error: &str,
         retryable: bool,
+        split: bool,
         now: i64,
     ) -> Result<Effects> {
         let i = self.check(local, attempt).map_err(|_| {
@@ -360,11 +372,14 @@ impl Runbook {
             ))
         })?;
         let mut fx = Vec::new();
-        if retryable {
+        if split && !self.parts(i).is_empty() {
+            self.split(i, error, now, &mut fx);
+        } else if retryable {
             self.retry_or_fail(i, error, now, &mut fx);
         } else {
             let label = self.doc.tasks[i].work.label();
             self.set_task_state(i, TaskState::Failed, error, now, &mut fx);
+            self.mirror(i, TaskState::Failed, error, now, &mut fx);
             self.fail_run(&format!("task {label} failed: {error}"), now, &mut fx);
         }
         Ok(fx)
@@ -397,14 +412,16 @@ impl Runbook {
                 self.doc.fused = records;
                 self.set_run_state(RunState::FineTuning, "", now, &mut fx);
                 let distilled = self.plan.compare.distill.is_some();
+                let mut works = Vec::new();
                 for method in methods {
                     for distilled in [false, true].into_iter().take(1 + distilled as usize) {
-                        self.add_task(TaskWork::FineTune { method, distilled }, now, &mut fx);
+                        works.push(TaskWork::FineTune { method, distilled });
                     }
                 }
                 if self.plan.compare.baseline {
-                    self.add_task(TaskWork::Baseline, now, &mut fx);
+                    works.push(TaskWork::Baseline);
                 }
+                self.add_phase(JointPhase::FineTunings, works, now, &mut fx);
             }
             Err(e) => self.fail_run(&format!("fusion failed: {e}"), now, &mut fx),
         }
@@ -433,85 +450,60 @@ impl Runbook {
 
     // ------------------------------------------------------------ internals
 
-    fn emit(&mut self, event: pb::run_event::Event, now: i64, fx: &mut Effects) {
-        self.doc.event_sequence += 1;
-        fx.push(Effect::Emit(pb::RunEvent {
-            run_id: self.doc.run_id.clone(),
-            sequence: self.doc.event_sequence,
-            time_unix_ms: now,
-            event: Some(event),
-        }));
-    }
-
-    fn emit_state(&mut self, now: i64, fx: &mut Effects) {
-        let event = pb::run_event::Event::StateChanged(pb::RunStateChanged {
-            state: pb::RunState::from(self.doc.state) as i32,
-            message: self.doc.message.clone(),
-        });
-        self.emit(event, now, fx);
-    }
-
-    fn set_run_state(&mut self, state: RunState, message: &str, now: i64, fx: &mut Effects) {
-        if self.doc.state == state {
-            return;
-        }
-        self.doc.state = state;
-        self.doc.message = message.to_string();
-        if state.is_final() {
-            self.doc.finished_ms = Some(now);
-        }
-        self.emit_state(now, fx);
-    }
-
-    fn set_task_state(
-        &mut self,
-        i: usize,
-        state: TaskState,
-        message: &str,
-        now: i64,
-        fx: &mut Effects,
-    ) {
-        let t = &mut self.doc.tasks[i];
-        t.state = state;
-        if state == TaskState::Failed || !message.is_empty() {
-            t.error = message.to_string();
-        }
-        if state != TaskState::Running {
-            t.worker_id.clear();
-        }
-        let event = pb::run_event::Event::TaskChanged(pb::TaskStateChanged {
-            task_id: task_id(&self.doc.run_id, &t.work.local_name()),
-            label: t.work.label(),
-            state: pb::TaskState::from(state) as i32,
-            attempt: t.attempt,
-            worker_id: t.worker_id.clone(),
-            message: message.to_string(),
-        });
-        self.emit(event, now, fx);
-    }
-
-    /// Adds a pending task and queues it.
-    fn add_task(&mut self, work: TaskWork, now: i64, fx: &mut Effects) {
-        self.doc.tasks.push(TaskRecord::new(work));
+    /// Adds a pending task (`note`: what its event says) and queues it,
+    /// unless the joint task `group` trains it.
+    fn add_task(&mut self, work: TaskWork, group: &str, note: &str, now: i64, fx: &mut Effects) {
+        let mut record = TaskRecord::new(work);
+        record.group = group.to_string();
+        self.doc.tasks.push(record);
         let i = self.doc.tasks.len() - 1;
-        self.set_task_state(i, TaskState::Pending, "", now, fx);
-        fx.push(Effect::Queue {
-            task: self.task_id(&self.doc.tasks[i]),
-            gpu_only: self.gpu_only(),
-        });
+        self.task_event(i, note, now, fx);
+        if group.is_empty() {
+            fx.push(Effect::Queue {
+                task: self.task_id(&self.doc.tasks[i]),
+                gpu_only: self.gpu_only(),
+            });
+        }
     }
 
     /// Ends every unfinished task: pending ones leave the queue, running
-    /// ones are told to stop at their next heartbeat.
+    /// ones are told to stop at their next heartbeat (models trained by a
+    /// joint task hold no place in the queue, and stop with it).
     fn stop_tasks(&mut self, state: TaskState, message: &str, now: i64, fx: &mut Effects) {
         for i in 0..self.doc.tasks.len() {
             if self.doc.tasks[i].state.is_unfinished() {
                 self.set_task_state(i, state, message, now, fx);
-                fx.push(Effect::Release {
-                    task: self.task_id(&self.doc.tasks[i]),
-                });
+                if self.doc.tasks[i].group.is_empty() {
+                    fx.push(Effect::Release {
+                        task: self.task_id(&self.doc.tasks[i]),
+                    });
+                }
             }
         }
+    }
+
+    /// Takes a model's result: its outcome and curve, its checkpoint as a
+    /// member's, and the task succeeds.
+    fn accept(&mut self, i: usize, delivery: Delivery, now: i64, fx: &mut Effects) {
+        let canonical = self.canonical_key(i);
+        let t = &mut self.doc.tasks[i];
+        t.compute_seconds += delivery.compute_seconds;
+        if !delivery.curve.is_empty() {
+            t.curve = delivery.curve;
+        }
+        t.outcome = Some(delivery.outcome);
+        fx.push(Effect::TaskDone {
+            kind: t.work.kind(),
+            compute_seconds: t.compute_seconds,
+        });
+        if let TaskWork::Train { member } = t.work {
+            let keys = &mut self.doc.member_keys;
+            if keys.len() <= member {
+                keys.resize(member + 1, String::new());
+            }
+            keys[member] = canonical.unwrap_or_default();
+        }
+        self.set_task_state(i, TaskState::Succeeded, "", now, fx);
     }
 
     fn fail_run(&mut self, message: &str, now: i64, fx: &mut Effects) {
@@ -526,10 +518,12 @@ impl Runbook {
         if attempts >= self.plan.max_attempts {
             let label = self.doc.tasks[i].work.label();
             self.set_task_state(i, TaskState::Failed, why, now, fx);
+            self.mirror(i, TaskState::Failed, why, now, fx);
             let message = format!("task {label} failed after {attempts} attempt(s): {why}");
             self.fail_run(&message, now, fx);
         } else {
             self.set_task_state(i, TaskState::Pending, why, now, fx);
+            self.mirror(i, TaskState::Pending, why, now, fx);
             fx.push(Effect::Queue {
                 task,
                 gpu_only: self.gpu_only(),
@@ -559,7 +553,7 @@ impl Runbook {
                 }) =>
             {
                 self.set_run_state(RunState::Evaluating, "", now, fx);
-                self.add_task(TaskWork::Evaluate, now, fx);
+                self.add_task(TaskWork::Evaluate, "", "", now, fx);
             }
             RunState::Evaluating if all_done(self, |w| *w == TaskWork::Evaluate) => {
                 self.set_run_state(RunState::Succeeded, "", now, fx);

@@ -208,7 +208,7 @@ impl Coordinator {
                 return;
             }
         };
-        let book = Runbook::restore(doc, plan, now_ms());
+        let book = Runbook::restore(doc, plan, self.config.joint_memory_budget, now_ms());
         let effects = book.recover();
         info!(run_id = %run_id, state = book.state().name(), "loaded run");
         let slot = RunSlot::new(book);

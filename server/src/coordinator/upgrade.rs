@@ -160,6 +160,8 @@ fn upgrade(mut value: Value) -> Result<RunDocument, String> {
                 curve: t.curve.iter().map(CurvePoint::from).collect(),
                 outcome: t.result.as_ref().map(Outcome::from),
                 compute_seconds: t.compute_seconds,
+                // Joint training came after format 3.
+                group: String::new(),
             })
         })
         .collect::<Result<Vec<_>, String>>()?;

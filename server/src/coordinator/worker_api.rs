@@ -169,10 +169,18 @@ impl WorkerApi for Coordinator {
         };
         let prefix = {
             let book = lock(&slot.book);
-            match book.check_held_by(local, req.attempt, worker_id) {
-                Ok(i) => format!("{}/", book.attempt_prefix(i, req.attempt)),
+            let i = match book.check_held_by(local, req.attempt, worker_id) {
+                Ok(i) => i,
                 Err(directive) => return Ok(directive),
+            };
+            let models = book.parts(i).len();
+            if let Some(part) = req.part.filter(|&p| p as usize >= models) {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "part: task `{}` trains {models} model(s) jointly; it has no part {part}",
+                    req.task_id
+                )));
             }
+            format!("{}/", book.attempt_prefix(i, req.attempt))
         };
         // The last training throughput (evaluations report none).
         if let Some(p) = req.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
@@ -188,6 +196,7 @@ impl WorkerApi for Coordinator {
             checkpoint: (!req.checkpoint.is_empty())
                 .then(|| (req.checkpoint.clone(), req.checkpoint_epoch)),
             epoch: req.epoch.as_ref().map(CurvePoint::from),
+            part: req.part.map(|p| p as usize),
         };
         let directive = self
             .commit(run_id, |book| {
@@ -233,8 +242,9 @@ impl WorkerApi for Coordinator {
         let slot = self
             .slot(run_id)
             .ok_or_else(|| lease_lost(task_id, attempt))?;
-        // Validate first, copy the attempt's output to its canonical key, then accept.
-        let (canonical, prefix) = {
+        // Validate first, copy the attempt's outputs to their canonical
+        // keys (a joint task's, each part's), then accept.
+        let outputs = {
             let book = lock(&slot.book);
             let i = book.check_held_by(local, attempt, worker_id).map_err(|d| match d {
                 pb::TaskDirective::Cancel => CoordinatorError::FailedPrecondition(format!(
@@ -244,21 +254,35 @@ impl WorkerApi for Coordinator {
                     "task `{task_id}` attempt {attempt} no longer holds its lease; its result is refused"
                 )),
             })?;
-            (book.canonical_key(i), book.attempt_prefix(i, attempt))
+            let parts = book.parts(i);
+            if result.parts.len() != parts.len() {
+                return Err(CoordinatorError::InvalidArgument(format!(
+                    "parts: task `{task_id}` trains {} model(s) jointly, its result has {} part(s)",
+                    parts.len(),
+                    result.parts.len()
+                )));
+            }
+            let output = |j: usize, r: &pb::TaskResult, what: String| {
+                let prefix = format!("{}/", book.attempt_prefix(j, attempt));
+                (book.canonical_key(j), r.checkpoint.clone(), prefix, what)
+            };
+            if parts.is_empty() {
+                vec![output(i, &result, "result checkpoint".into())]
+            } else {
+                (parts.into_iter().zip(&result.parts).enumerate())
+                    .map(|(n, (j, r))| output(j, r, format!("parts[{n}].checkpoint")))
+                    .collect::<Vec<_>>()
+            }
         };
-        if let Some(dest) = &canonical {
-            self.check_output(
-                &result.checkpoint,
-                &format!("{prefix}/"),
-                "result checkpoint",
-            )
-            .await?;
-            self.storage.copy(&result.checkpoint, dest).await?;
+        for (canonical, checkpoint, prefix, what) in outputs {
+            if let Some(dest) = &canonical {
+                self.check_output(&checkpoint, &prefix, &what).await?;
+                self.storage.copy(&checkpoint, dest).await?;
+            }
         }
         let delivery = Delivery {
-            outcome: Outcome::from(&result),
-            curve: result.curve.iter().map(CurvePoint::from).collect(),
-            compute_seconds: result.compute_seconds,
+            parts: result.parts.iter().map(delivery).collect(),
+            ..delivery(&result)
         };
         self.commit(run_id, |book| {
             // The lease may have been lost while copying: then this refuses.
@@ -280,19 +304,30 @@ impl WorkerApi for Coordinator {
         attempt: u32,
         error: &str,
         retryable: bool,
+        split: bool,
     ) -> Result<()> {
         let (run_id, local) = parse_task_id(task_id).ok_or_else(|| lease_lost(task_id, attempt))?;
         if self.slot(run_id).is_none() {
             return Err(lease_lost(task_id, attempt));
         }
-        warn!(error, retryable, "task attempt failed");
+        warn!(error, retryable, split, "task attempt failed");
         self.commit(run_id, |book| {
             book.check_held_by(local, attempt, worker_id)
                 .map_err(|_| lease_lost(task_id, attempt))?;
-            let effects = book.fail(local, attempt, error, retryable, now_ms())?;
+            let effects = book.fail(local, attempt, error, retryable, split, now_ms())?;
             Ok(Step::stored((), effects))
         })
         .await
+    }
+}
+
+/// What a result delivers for one model (a joint result's parts aside).
+fn delivery(result: &pb::TaskResult) -> Delivery {
+    Delivery {
+        outcome: Outcome::from(result),
+        curve: result.curve.iter().map(CurvePoint::from).collect(),
+        compute_seconds: result.compute_seconds,
+        parts: Vec::new(),
     }
 }
 

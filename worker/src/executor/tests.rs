@@ -1,6 +1,6 @@
 use fusion::arch::{preset, Architecture};
 use nt_common::StorageArgs;
-use nt_spec::{SyntheticSpec, TaskWork};
+use nt_spec::{SyntheticSpec, TaskWork, TrainConfig};
 use tokio::sync::mpsc;
 
 use super::*;

@@ -6,7 +6,7 @@
 use nt_proto::prost::Message;
 use nt_proto::store::v1 as st;
 use nt_proto::v1 as pb;
-use nt_spec::TaskWork;
+use nt_spec::{JointPhase, TaskWork};
 
 use super::{
     CurvePoint, DataLoad, FusedRecord, GroupKept, Outcome, Progress, RunDocument, RunState, Score,
@@ -134,7 +134,7 @@ fn method(name: &str) -> Result<Method, String> {
 }
 
 pub fn work_to_store(w: &TaskWork) -> st::TaskWork {
-    use st::task_work::{Baseline, Evaluate, FineTune, Kind, Train};
+    use st::task_work::{Baseline, Evaluate, FineTune, Joint, Kind, Train};
     let kind = match w {
         TaskWork::Train { member } => Kind::Train(Train {
             // Member counts are small (the spec caps them far below u32::MAX).
@@ -146,6 +146,10 @@ pub fn work_to_store(w: &TaskWork) -> st::TaskWork {
         }),
         TaskWork::Baseline => Kind::Baseline(Baseline {}),
         TaskWork::Evaluate => Kind::Evaluate(Evaluate {}),
+        TaskWork::Joint { phase, models } => Kind::Joint(Joint {
+            phase: phase.as_str().into(),
+            models: u32::try_from(*models).unwrap_or(u32::MAX),
+        }),
     };
     st::TaskWork { kind: Some(kind) }
 }
@@ -162,6 +166,11 @@ fn work_from_store(w: Option<st::TaskWork>) -> Result<TaskWork, String> {
         },
         Some(Kind::Baseline(_)) => TaskWork::Baseline,
         Some(Kind::Evaluate(_)) => TaskWork::Evaluate,
+        Some(Kind::Joint(j)) => TaskWork::Joint {
+            phase: JointPhase::parse(&j.phase)
+                .ok_or_else(|| format!("joint task phase `{}` is unknown", j.phase))?,
+            models: j.models as usize,
+        },
         None => return Err("a task without its work".into()),
     })
 }
@@ -195,6 +204,7 @@ fn task_to_store(t: &TaskRecord) -> st::TaskRecord {
             samples_per_second: o.samples_per_second,
         }),
         compute_seconds: t.compute_seconds,
+        group: t.group.clone(),
     }
 }
 
@@ -237,6 +247,7 @@ fn task_from_store(t: st::TaskRecord) -> Result<TaskRecord, String> {
             samples_per_second: o.samples_per_second,
         }),
         compute_seconds: t.compute_seconds,
+        group: t.group,
     })
 }
 

@@ -21,7 +21,7 @@ pub(super) fn plan(spec: &pb::RunSpec) -> Arc<Plan> {
 
 pub(super) fn new_run(extra: &str) -> (Runbook, Vec<Effect>) {
     let s = spec(extra);
-    Runbook::submit("run-1", "", s.clone(), plan(&s), 1_000)
+    Runbook::submit("run-1", "", s.clone(), plan(&s), 16 << 30, 1_000)
 }
 
 pub(super) fn queued(fx: &[Effect]) -> Vec<String> {
@@ -33,7 +33,7 @@ pub(super) fn queued(fx: &[Effect]) -> Vec<String> {
         .collect()
 }
 
-fn released(fx: &[Effect]) -> Vec<String> {
+pub(super) fn released(fx: &[Effect]) -> Vec<String> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Release { task } => Some(task.clone()),
@@ -42,7 +42,7 @@ fn released(fx: &[Effect]) -> Vec<String> {
         .collect()
 }
 
-fn states(fx: &[Effect]) -> Vec<pb::RunState> {
+pub(super) fn states(fx: &[Effect]) -> Vec<pb::RunState> {
     fx.iter()
         .filter_map(|e| match e {
             Effect::Emit(pb::RunEvent {
@@ -54,7 +54,7 @@ fn states(fx: &[Effect]) -> Vec<pb::RunState> {
         .collect()
 }
 
-fn task_state(book: &Runbook, local: &str) -> TaskState {
+pub(super) fn task_state(book: &Runbook, local: &str) -> TaskState {
     book.doc.tasks[book.doc.task_index(local).unwrap()].state
 }
 
@@ -71,6 +71,7 @@ pub(super) fn delivery(name: &str) -> Delivery {
             ..Default::default()
         }],
         compute_seconds: 2.0,
+        parts: Vec::new(),
     }
 }
 
@@ -244,7 +245,9 @@ fn results_and_reports_of_a_stale_attempt_are_refused() {
         .unwrap_err();
     assert!(matches!(e, CoordinatorError::FailedPrecondition(_)), "{e}");
     assert!(e.to_string().contains("attempt 1"), "{e}");
-    let e = book.fail("member-0", 1, "oops", true, 5_000).unwrap_err();
+    let e = book
+        .fail("member-0", 1, "oops", true, false, 5_000)
+        .unwrap_err();
     assert!(matches!(e, CoordinatorError::FailedPrecondition(_)), "{e}");
     let mut fx = Vec::new();
     let directive = book.progress("member-0", 1, Report::default(), 5_000, &mut fx);
@@ -271,12 +274,12 @@ fn failures_retry_when_retryable_and_fail_the_run_when_not() {
     let (mut book, _) = new_run("members: {count: 2}\n");
     book.lease("member-0", "w", 2_000).unwrap();
     let fx = book
-        .fail("member-0", 1, "storage blip", true, 3_000)
+        .fail("member-0", 1, "storage blip", true, false, 3_000)
         .unwrap();
     assert_eq!(queued(&fx), ["run-1/member-0"]);
     assert_eq!(book.state(), RunState::Training);
     book.lease("member-0", "w", 4_000).unwrap();
-    book.fail("member-0", 2, "corrupt data file", false, 5_000)
+    book.fail("member-0", 2, "corrupt data file", false, false, 5_000)
         .unwrap();
     assert_eq!(book.state(), RunState::Failed);
     assert_eq!(book.doc.message, "task member 0 failed: corrupt data file");
@@ -309,6 +312,7 @@ fn progress_keeps_the_newest_resumable_state_and_one_curve_point_per_epoch() {
             epoch,
             ..Default::default()
         }),
+        part: None,
     };
     assert_eq!(
         book.progress("member-0", 1, report(2, "e2"), 3_000, &mut fx),
@@ -407,7 +411,7 @@ fn a_restarted_coordinator_recovers_a_run_from_its_stored_document() {
 
     let doc = crate::coordinator::upgrade::read(&stored).unwrap();
     assert_eq!(doc, book.doc, "the document round-trips");
-    let restored = Runbook::restore(doc, plan(&book.doc.spec.0), 5_000);
+    let restored = Runbook::restore(doc, plan(&book.doc.spec.0), 16 << 30, 5_000);
     assert_eq!(restored.doc.event_sequence, 5_000_000);
     assert_eq!(
         restored.recover(),
@@ -433,8 +437,9 @@ fn a_restarted_coordinator_recovers_a_run_from_its_stored_document() {
 
 #[test]
 fn gpu_runs_queue_gpu_only_tasks_and_distillation_names_the_teachers() {
-    let (mut book, fx) =
-        new_run("members: {count: 2}\ndevice: gpu\nfine_tuning: {distill: {temperature: 3}}\n");
+    let (mut book, fx) = new_run(
+        "members: {count: 2, joint: off}\ndevice: gpu\nfine_tuning: {distill: {temperature: 3}}\n",
+    );
     assert!(fx
         .iter()
         .any(|e| matches!(e, Effect::Queue { gpu_only: true, .. })));

@@ -18,7 +18,7 @@ use crate::coordinator::{Coordinator, CoordinatorConfig, RunApi, WorkerApi};
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 
-async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
+pub(super) async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
     let store = FailingStore::new();
     let storage = Storage {
         store: store.clone(),
@@ -36,6 +36,7 @@ async fn coordinator() -> (Arc<Coordinator>, Arc<FailingStore>) {
         lease_retry_backoff: Duration::from_millis(50),
         limits: nt_spec::Limits::default(),
         store_lease_ttl: Duration::from_secs(2),
+        joint_memory_budget: 16 << 30,
     };
     let c = Coordinator::start(storage, config, Metrics::new(), CancellationToken::new())
         .await
@@ -63,14 +64,14 @@ async fn restarted(c: &Coordinator) -> Arc<Coordinator> {
 
 /// Everything a failed write must leave as it was.
 #[derive(Debug, PartialEq)]
-struct Memory {
+pub(super) struct Memory {
     run: pb::Run,
     events: usize,
     queued: Vec<String>,
     leases: Vec<(String, u32)>,
 }
 
-async fn memory(c: &Coordinator, run_id: &str) -> Memory {
+pub(super) async fn memory(c: &Coordinator, run_id: &str) -> Memory {
     let (events, _) = c.watch(run_id, 0).await.unwrap();
     let run = c.get(run_id).await.unwrap();
     let sched = lock(&c.scheduler);
@@ -275,13 +276,13 @@ async fn a_failure_report_whose_write_fails_changes_nothing() {
     let before = memory(&c, &run_id).await;
     store.fail(true);
     let e = c
-        .fail(&worker, &task.task_id, 1, "disk full", true)
+        .fail(&worker, &task.task_id, 1, "disk full", true, false)
         .await
         .unwrap_err();
     assert!(is_outage(&e), "{e}");
     assert_eq!(memory(&c, &run_id).await, before);
     store.fail(false);
-    c.fail(&worker, &task.task_id, 1, "disk full", true)
+    c.fail(&worker, &task.task_id, 1, "disk full", true, false)
         .await
         .unwrap();
     let after = memory(&c, &run_id).await;
@@ -505,7 +506,7 @@ async fn a_lease_is_bound_to_its_worker_and_outputs_to_its_attempts_prefix() {
         .unwrap_err();
     assert!(matches!(e, CoordinatorError::FailedPrecondition(_)), "{e}");
     let e = c
-        .fail(&intruder, &task.task_id, 1, "nope", false)
+        .fail(&intruder, &task.task_id, 1, "nope", false, false)
         .await
         .unwrap_err();
     assert!(matches!(e, CoordinatorError::FailedPrecondition(_)), "{e}");

@@ -27,15 +27,15 @@ from ntpy._proto.nt.v1 import runs_pb2 as nt_dot_v1_dot_runs__pb2
 from ntpy._proto.nt.v1 import spec_pb2 as nt_dot_v1_dot_spec__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13nt/v1/workers.proto\x12\x05nt.v1\x1a\x10nt/v1/runs.proto\x1a\x10nt/v1/spec.proto\"Y\n\x12WorkerCapabilities\x12\x0c\n\x04gpus\x18\x01 \x01(\r\x12\x11\n\tgpu_names\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x13\n\x0b\x63pu_threads\x18\x04 \x01(\r\"z\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x19.nt.v1.WorkerCapabilities\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\"`\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"6\n\x10LeaseTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"<\n\x11LeaseTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x0b.nt.v1.TaskH\x00\x88\x01\x01\x42\x07\n\x05_task\"\xd5\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x1d\n\x04kind\x18\x04 \x01(\x0e\x32\x0f.nt.v1.TaskKind\x12\r\n\x05label\x18\x05 \x01(\t\x12\x19\n\x11\x61rchitecture_json\x18\x06 \x01(\t\x12\x1d\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x0f.nt.v1.DataSpec\x12!\n\x08training\x18\x08 \x01(\x0b\x32\x0f.nt.v1.Training\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x17\n\x0finit_checkpoint\x18\n \x01(\t\x12\x1b\n\x13teacher_checkpoints\x18\x0b \x03(\t\x12$\n\x07\x64istill\x18\x0c \x01(\x0b\x32\x13.nt.v1.Distillation\x12\x14\n\x0cresume_state\x18\r \x01(\t\x12\x15\n\routput_prefix\x18\x0e \x01(\t\x12\'\n\x08\x65valuate\x18\x0f \x03(\x0b\x32\x15.nt.v1.EvaluationItem\x12\x17\n\x0f\x65val_batch_size\x18\x11 \x01(\r\x12(\n\x06\x64\x65vice\x18\x12 \x01(\x0e\x32\x18.nt.v1.DeviceRequirementJ\x04\x08\x10\x10\x11R\x07use_gpu\"3\n\x0e\x45valuationItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63heckpoints\x18\x02 \x03(\t\"-\n\tTaskLease\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"F\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1f\n\x05tasks\x18\x02 \x03(\x0b\x32\x10.nt.v1.TaskLease\"\\\n\x0fTaskInstruction\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\'\n\tdirective\x18\x03 \x01(\x0e\x32\x14.nt.v1.TaskDirective\":\n\x11HeartbeatResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.nt.v1.TaskInstruction\"\xd2\x01\n\x15ReportProgressRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.nt.v1.TaskProgress\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x18\n\x10\x63heckpoint_epoch\x18\x06 \x01(\r\x12%\n\x05\x65poch\x18\x07 \x01(\x0b\x32\x11.nt.v1.CurvePointH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"A\n\x16ReportProgressResponse\x12\'\n\tdirective\x18\x01 \x01(\x0e\x32\x14.nt.v1.TaskDirective\"\xe7\x01\n\nTaskResult\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12 \n\x05\x63urve\x18\x02 \x03(\x0b\x32\x11.nt.v1.CurvePoint\x12\"\n\x06\x62\x65\x66ore\x18\x03 \x01(\x0b\x32\x12.nt.v1.ModelReport\x12!\n\x05\x61\x66ter\x18\x04 \x01(\x0b\x32\x12.nt.v1.ModelReport\x12\'\n\x0b\x65valuations\x18\x05 \x03(\x0b\x32\x12.nt.v1.ModelReport\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\"m\n\x13\x43ompleteTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12!\n\x06result\x18\x04 \x01(\x0b\x32\x11.nt.v1.TaskResult\"\x16\n\x14\x43ompleteTaskResponse\"h\n\x0f\x46\x61ilTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tretryable\x18\x05 \x01(\x08\"\x12\n\x10\x46\x61ilTaskResponse*\x86\x01\n\rTaskDirective\x12\x1e\n\x1aTASK_DIRECTIVE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_DIRECTIVE_CONTINUE\x10\x01\x12\x19\n\x15TASK_DIRECTIVE_CANCEL\x10\x02\x12\x1d\n\x19TASK_DIRECTIVE_LEASE_LOST\x10\x03\x32\xb3\x03\n\rWorkerService\x12M\n\x0eRegisterWorker\x12\x1c.nt.v1.RegisterWorkerRequest\x1a\x1d.nt.v1.RegisterWorkerResponse\x12>\n\tLeaseTask\x12\x17.nt.v1.LeaseTaskRequest\x1a\x18.nt.v1.LeaseTaskResponse\x12>\n\tHeartbeat\x12\x17.nt.v1.HeartbeatRequest\x1a\x18.nt.v1.HeartbeatResponse\x12M\n\x0eReportProgress\x12\x1c.nt.v1.ReportProgressRequest\x1a\x1d.nt.v1.ReportProgressResponse\x12G\n\x0c\x43ompleteTask\x12\x1a.nt.v1.CompleteTaskRequest\x1a\x1b.nt.v1.CompleteTaskResponse\x12;\n\x08\x46\x61ilTask\x12\x16.nt.v1.FailTaskRequest\x1a\x17.nt.v1.FailTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13nt/v1/workers.proto\x12\x05nt.v1\x1a\x10nt/v1/runs.proto\x1a\x10nt/v1/spec.proto\"Y\n\x12WorkerCapabilities\x12\x0c\n\x04gpus\x18\x01 \x01(\r\x12\x11\n\tgpu_names\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x13\n\x0b\x63pu_threads\x18\x04 \x01(\r\"z\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0c\x63\x61pabilities\x18\x02 \x01(\x0b\x32\x19.nt.v1.WorkerCapabilities\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\"`\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0clease_ttl_ms\x18\x03 \x01(\r\"6\n\x10LeaseTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"<\n\x11LeaseTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x0b.nt.v1.TaskH\x00\x88\x01\x01\x42\x07\n\x05_task\"\xf1\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x1d\n\x04kind\x18\x04 \x01(\x0e\x32\x0f.nt.v1.TaskKind\x12\r\n\x05label\x18\x05 \x01(\t\x12\x19\n\x11\x61rchitecture_json\x18\x06 \x01(\t\x12\x1d\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x0f.nt.v1.DataSpec\x12!\n\x08training\x18\x08 \x01(\x0b\x32\x0f.nt.v1.Training\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x17\n\x0finit_checkpoint\x18\n \x01(\t\x12\x1b\n\x13teacher_checkpoints\x18\x0b \x03(\t\x12$\n\x07\x64istill\x18\x0c \x01(\x0b\x32\x13.nt.v1.Distillation\x12\x14\n\x0cresume_state\x18\r \x01(\t\x12\x15\n\routput_prefix\x18\x0e \x01(\t\x12\'\n\x08\x65valuate\x18\x0f \x03(\x0b\x32\x15.nt.v1.EvaluationItem\x12\x17\n\x0f\x65val_batch_size\x18\x11 \x01(\r\x12(\n\x06\x64\x65vice\x18\x12 \x01(\x0e\x32\x18.nt.v1.DeviceRequirement\x12\x1a\n\x05parts\x18\x13 \x03(\x0b\x32\x0b.nt.v1.TaskJ\x04\x08\x10\x10\x11R\x07use_gpu\"3\n\x0e\x45valuationItem\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63heckpoints\x18\x02 \x03(\t\"-\n\tTaskLease\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\"F\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1f\n\x05tasks\x18\x02 \x03(\x0b\x32\x10.nt.v1.TaskLease\"\\\n\x0fTaskInstruction\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\'\n\tdirective\x18\x03 \x01(\x0e\x32\x14.nt.v1.TaskDirective\":\n\x11HeartbeatResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.nt.v1.TaskInstruction\"\xee\x01\n\x15ReportProgressRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12%\n\x08progress\x18\x04 \x01(\x0b\x32\x13.nt.v1.TaskProgress\x12\x12\n\ncheckpoint\x18\x05 \x01(\t\x12\x18\n\x10\x63heckpoint_epoch\x18\x06 \x01(\r\x12%\n\x05\x65poch\x18\x07 \x01(\x0b\x32\x11.nt.v1.CurvePointH\x00\x88\x01\x01\x12\x11\n\x04part\x18\x08 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_epochB\x07\n\x05_part\"A\n\x16ReportProgressResponse\x12\'\n\tdirective\x18\x01 \x01(\x0e\x32\x14.nt.v1.TaskDirective\"\x89\x02\n\nTaskResult\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12 \n\x05\x63urve\x18\x02 \x03(\x0b\x32\x11.nt.v1.CurvePoint\x12\"\n\x06\x62\x65\x66ore\x18\x03 \x01(\x0b\x32\x12.nt.v1.ModelReport\x12!\n\x05\x61\x66ter\x18\x04 \x01(\x0b\x32\x12.nt.v1.ModelReport\x12\'\n\x0b\x65valuations\x18\x05 \x03(\x0b\x32\x12.nt.v1.ModelReport\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12 \n\x05parts\x18\x08 \x03(\x0b\x32\x11.nt.v1.TaskResult\"m\n\x13\x43ompleteTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12!\n\x06result\x18\x04 \x01(\x0b\x32\x11.nt.v1.TaskResult\"\x16\n\x14\x43ompleteTaskResponse\"w\n\x0f\x46\x61ilTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x11\n\tretryable\x18\x05 \x01(\x08\x12\r\n\x05split\x18\x06 \x01(\x08\"\x12\n\x10\x46\x61ilTaskResponse*\x86\x01\n\rTaskDirective\x12\x1e\n\x1aTASK_DIRECTIVE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_DIRECTIVE_CONTINUE\x10\x01\x12\x19\n\x15TASK_DIRECTIVE_CANCEL\x10\x02\x12\x1d\n\x19TASK_DIRECTIVE_LEASE_LOST\x10\x03\x32\xb3\x03\n\rWorkerService\x12M\n\x0eRegisterWorker\x12\x1c.nt.v1.RegisterWorkerRequest\x1a\x1d.nt.v1.RegisterWorkerResponse\x12>\n\tLeaseTask\x12\x17.nt.v1.LeaseTaskRequest\x1a\x18.nt.v1.LeaseTaskResponse\x12>\n\tHeartbeat\x12\x17.nt.v1.HeartbeatRequest\x1a\x18.nt.v1.HeartbeatResponse\x12M\n\x0eReportProgress\x12\x1c.nt.v1.ReportProgressRequest\x1a\x1d.nt.v1.ReportProgressResponse\x12G\n\x0c\x43ompleteTask\x12\x1a.nt.v1.CompleteTaskRequest\x1a\x1b.nt.v1.CompleteTaskResponse\x12;\n\x08\x46\x61ilTask\x12\x16.nt.v1.FailTaskRequest\x1a\x17.nt.v1.FailTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nt.v1.workers_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKDIRECTIVE']._serialized_start=2071
-  _globals['_TASKDIRECTIVE']._serialized_end=2205
+  _globals['_TASKDIRECTIVE']._serialized_start=2176
+  _globals['_TASKDIRECTIVE']._serialized_end=2310
   _globals['_WORKERCAPABILITIES']._serialized_start=66
   _globals['_WORKERCAPABILITIES']._serialized_end=155
   _globals['_REGISTERWORKERREQUEST']._serialized_start=157
@@ -47,31 +47,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASETASKRESPONSE']._serialized_start=435
   _globals['_LEASETASKRESPONSE']._serialized_end=495
   _globals['_TASK']._serialized_start=498
-  _globals['_TASK']._serialized_end=967
-  _globals['_EVALUATIONITEM']._serialized_start=969
-  _globals['_EVALUATIONITEM']._serialized_end=1020
-  _globals['_TASKLEASE']._serialized_start=1022
-  _globals['_TASKLEASE']._serialized_end=1067
-  _globals['_HEARTBEATREQUEST']._serialized_start=1069
-  _globals['_HEARTBEATREQUEST']._serialized_end=1139
-  _globals['_TASKINSTRUCTION']._serialized_start=1141
-  _globals['_TASKINSTRUCTION']._serialized_end=1233
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1235
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1293
-  _globals['_REPORTPROGRESSREQUEST']._serialized_start=1296
-  _globals['_REPORTPROGRESSREQUEST']._serialized_end=1506
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=1508
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1573
-  _globals['_TASKRESULT']._serialized_start=1576
-  _globals['_TASKRESULT']._serialized_end=1807
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1809
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1918
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1920
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1942
-  _globals['_FAILTASKREQUEST']._serialized_start=1944
-  _globals['_FAILTASKREQUEST']._serialized_end=2048
-  _globals['_FAILTASKRESPONSE']._serialized_start=2050
-  _globals['_FAILTASKRESPONSE']._serialized_end=2068
-  _globals['_WORKERSERVICE']._serialized_start=2208
-  _globals['_WORKERSERVICE']._serialized_end=2643
+  _globals['_TASK']._serialized_end=995
+  _globals['_EVALUATIONITEM']._serialized_start=997
+  _globals['_EVALUATIONITEM']._serialized_end=1048
+  _globals['_TASKLEASE']._serialized_start=1050
+  _globals['_TASKLEASE']._serialized_end=1095
+  _globals['_HEARTBEATREQUEST']._serialized_start=1097
+  _globals['_HEARTBEATREQUEST']._serialized_end=1167
+  _globals['_TASKINSTRUCTION']._serialized_start=1169
+  _globals['_TASKINSTRUCTION']._serialized_end=1261
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1263
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1321
+  _globals['_REPORTPROGRESSREQUEST']._serialized_start=1324
+  _globals['_REPORTPROGRESSREQUEST']._serialized_end=1562
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=1564
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=1629
+  _globals['_TASKRESULT']._serialized_start=1632
+  _globals['_TASKRESULT']._serialized_end=1897
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1899
+  _globals['_COMPLETETASKREQUEST']._serialized_end=2008
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=2010
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=2032
+  _globals['_FAILTASKREQUEST']._serialized_start=2034
+  _globals['_FAILTASKREQUEST']._serialized_end=2153
+  _globals['_FAILTASKRESPONSE']._serialized_start=2155
+  _globals['_FAILTASKRESPONSE']._serialized_end=2173
+  _globals['_WORKERSERVICE']._serialized_start=2313
+  _globals['_WORKERSERVICE']._serialized_end=2748
 # @@protoc_insertion_point(module_scope)

@@ -70,7 +70,7 @@ class LeaseTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "run_id", "attempt", "kind", "label", "architecture_json", "data", "training", "seed", "init_checkpoint", "teacher_checkpoints", "distill", "resume_state", "output_prefix", "evaluate", "eval_batch_size", "device")
+    __slots__ = ("task_id", "run_id", "attempt", "kind", "label", "architecture_json", "data", "training", "seed", "init_checkpoint", "teacher_checkpoints", "distill", "resume_state", "output_prefix", "evaluate", "eval_batch_size", "device", "parts")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class Task(_message.Message):
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     EVAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     attempt: int
@@ -105,7 +106,8 @@ class Task(_message.Message):
     evaluate: _containers.RepeatedCompositeFieldContainer[EvaluationItem]
     eval_batch_size: int
     device: _spec_pb2.DeviceRequirement
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[_runs_pb2.TaskKind, str]] = ..., label: _Optional[str] = ..., architecture_json: _Optional[str] = ..., data: _Optional[_Union[_spec_pb2.DataSpec, _Mapping]] = ..., training: _Optional[_Union[_spec_pb2.Training, _Mapping]] = ..., seed: _Optional[int] = ..., init_checkpoint: _Optional[str] = ..., teacher_checkpoints: _Optional[_Iterable[str]] = ..., distill: _Optional[_Union[_spec_pb2.Distillation, _Mapping]] = ..., resume_state: _Optional[str] = ..., output_prefix: _Optional[str] = ..., evaluate: _Optional[_Iterable[_Union[EvaluationItem, _Mapping]]] = ..., eval_batch_size: _Optional[int] = ..., device: _Optional[_Union[_spec_pb2.DeviceRequirement, str]] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[_runs_pb2.TaskKind, str]] = ..., label: _Optional[str] = ..., architecture_json: _Optional[str] = ..., data: _Optional[_Union[_spec_pb2.DataSpec, _Mapping]] = ..., training: _Optional[_Union[_spec_pb2.Training, _Mapping]] = ..., seed: _Optional[int] = ..., init_checkpoint: _Optional[str] = ..., teacher_checkpoints: _Optional[_Iterable[str]] = ..., distill: _Optional[_Union[_spec_pb2.Distillation, _Mapping]] = ..., resume_state: _Optional[str] = ..., output_prefix: _Optional[str] = ..., evaluate: _Optional[_Iterable[_Union[EvaluationItem, _Mapping]]] = ..., eval_batch_size: _Optional[int] = ..., device: _Optional[_Union[_spec_pb2.DeviceRequirement, str]] = ..., parts: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
 
 class EvaluationItem(_message.Message):
     __slots__ = ("name", "checkpoints")
@@ -148,7 +150,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[TaskInstruction, _Mapping]]] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "attempt", "progress", "checkpoint", "checkpoint_epoch", "epoch")
+    __slots__ = ("worker_id", "task_id", "attempt", "progress", "checkpoint", "checkpoint_epoch", "epoch", "part")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +158,7 @@ class ReportProgressRequest(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     attempt: int
@@ -163,7 +166,8 @@ class ReportProgressRequest(_message.Message):
     checkpoint: str
     checkpoint_epoch: int
     epoch: _runs_pb2.CurvePoint
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., progress: _Optional[_Union[_runs_pb2.TaskProgress, _Mapping]] = ..., checkpoint: _Optional[str] = ..., checkpoint_epoch: _Optional[int] = ..., epoch: _Optional[_Union[_runs_pb2.CurvePoint, _Mapping]] = ...) -> None: ...
+    part: int
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., progress: _Optional[_Union[_runs_pb2.TaskProgress, _Mapping]] = ..., checkpoint: _Optional[str] = ..., checkpoint_epoch: _Optional[int] = ..., epoch: _Optional[_Union[_runs_pb2.CurvePoint, _Mapping]] = ..., part: _Optional[int] = ...) -> None: ...
 
 class ReportProgressResponse(_message.Message):
     __slots__ = ("directive",)
@@ -172,7 +176,7 @@ class ReportProgressResponse(_message.Message):
     def __init__(self, directive: _Optional[_Union[TaskDirective, str]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("checkpoint", "curve", "before", "after", "evaluations", "compute_seconds", "samples_per_second")
+    __slots__ = ("checkpoint", "curve", "before", "after", "evaluations", "compute_seconds", "samples_per_second", "parts")
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CURVE_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +184,7 @@ class TaskResult(_message.Message):
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     checkpoint: str
     curve: _containers.RepeatedCompositeFieldContainer[_runs_pb2.CurvePoint]
     before: _runs_pb2.ModelReport
@@ -187,7 +192,8 @@ class TaskResult(_message.Message):
     evaluations: _containers.RepeatedCompositeFieldContainer[_runs_pb2.ModelReport]
     compute_seconds: float
     samples_per_second: float
-    def __init__(self, checkpoint: _Optional[str] = ..., curve: _Optional[_Iterable[_Union[_runs_pb2.CurvePoint, _Mapping]]] = ..., before: _Optional[_Union[_runs_pb2.ModelReport, _Mapping]] = ..., after: _Optional[_Union[_runs_pb2.ModelReport, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[_runs_pb2.ModelReport, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[TaskResult]
+    def __init__(self, checkpoint: _Optional[str] = ..., curve: _Optional[_Iterable[_Union[_runs_pb2.CurvePoint, _Mapping]]] = ..., before: _Optional[_Union[_runs_pb2.ModelReport, _Mapping]] = ..., after: _Optional[_Union[_runs_pb2.ModelReport, _Mapping]] = ..., evaluations: _Optional[_Iterable[_Union[_runs_pb2.ModelReport, _Mapping]]] = ..., compute_seconds: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., parts: _Optional[_Iterable[_Union[TaskResult, _Mapping]]] = ...) -> None: ...
 
 class CompleteTaskRequest(_message.Message):
     __slots__ = ("worker_id", "task_id", "attempt", "result")
@@ -206,18 +212,20 @@ class CompleteTaskResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class FailTaskRequest(_message.Message):
-    __slots__ = ("worker_id", "task_id", "attempt", "error", "retryable")
+    __slots__ = ("worker_id", "task_id", "attempt", "error", "retryable", "split")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     task_id: str
     attempt: int
     error: str
     retryable: bool
-    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    split: bool
+    def __init__(self, worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[str] = ..., retryable: _Optional[bool] = ..., split: _Optional[bool] = ...) -> None: ...
 
 class FailTaskResponse(_message.Message):
     __slots__ = ()
