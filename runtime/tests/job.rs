@@ -12,8 +12,8 @@ use fusion::checkpoint;
 use fusion::state::StateDict;
 use nt_runtime::data::{self, DataSpec, FileSource, SyntheticSpec};
 use nt_runtime::job::{
-    run_evaluation, run_training, ArchOf, EvalJob, JobHooks, JobIo, LocalFiles, ModelRef,
-    Normalize, Provenance, Quiet, Start, TrainJob,
+    run_evaluation, run_joint_training, run_training, ArchOf, EvalJob, JobHooks, JobIo, JointJob,
+    LocalFiles, ModelRef, Normalize, Provenance, Quiet, Start, TrainJob,
 };
 use nt_runtime::model::Network;
 use nt_runtime::train::{
@@ -398,4 +398,171 @@ fn evaluations_load_each_checkpoint_once_and_average_ensembles() {
     )
     .unwrap_err();
     assert!(matches!(err, RuntimeError::Stopped), "{err}");
+}
+
+/// Counts each part's progress reports; stops after `after` reports in all.
+#[derive(Default)]
+struct PerPart {
+    reports: BTreeMap<usize, usize>,
+    after: Option<usize>,
+    saved: Vec<(usize, String)>,
+}
+
+impl JobHooks for PerPart {
+    fn part_progress(&mut self, part: usize, _progress: &Progress) {
+        *self.reports.entry(part).or_default() += 1;
+    }
+
+    fn epoch_saved(&mut self, epoch: usize, key: &str) {
+        self.saved.push((epoch, key.to_string()));
+    }
+
+    fn should_stop(&self) -> bool {
+        self.after
+            .is_some_and(|a| self.reports.values().sum::<usize>() >= a)
+    }
+}
+
+fn joint_of(parts: Vec<TrainJob>, states: &str) -> JointJob {
+    JointJob {
+        parts,
+        resume: None,
+        epoch_states: Some(states.into()),
+    }
+}
+
+#[test]
+fn a_joint_job_stores_what_separate_jobs_store_bit_for_bit() {
+    let _serial = serial();
+    let io = Memory::default();
+    let part = |seed: u64, out: &str| {
+        let mut j = job(Start::Fresh(mlp()), out);
+        j.config.seed = seed;
+        j
+    };
+    let mut hooks = PerPart::default();
+    let joint = joint_of(vec![part(11, "j0"), part(12, "j1")], "joint");
+    let trained = run_joint_training(&joint, &io, &mut hooks).unwrap();
+    for (k, seed) in [11u64, 12].into_iter().enumerate() {
+        let alone = run_training(&part(seed, &format!("s{k}")), &io, &mut Quiet).unwrap();
+        assert!(same(
+            &io.state(&format!("j{k}")),
+            &io.state(&format!("s{k}"))
+        ));
+        assert_eq!(trained[k].after, alone.after);
+        assert_eq!(trained[k].key, format!("j{k}"));
+        let lineage = io.state(&format!("j{k}")).lineage().unwrap();
+        assert_eq!(lineage.notes["seed"], seed.to_string());
+        assert_eq!(lineage.run.as_deref(), Some("run-1"));
+        // 16 steps an epoch, a report every 4: 4 an epoch, per part.
+        assert_eq!(hooks.reports[&k], 12);
+        assert_eq!(trained[k].outcome.history.len(), 3);
+    }
+    let keys: Vec<_> = hooks.saved.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        (1..=3)
+            .map(|e| format!("joint/epoch-{e:04}.state.safetensors"))
+            .collect::<Vec<_>>()
+    );
+    let states = nt_runtime::train::joint_state_from_bytes(
+        "state",
+        io.read("joint/epoch-0003.state.safetensors").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(states.len(), 2);
+    assert!(states.iter().all(|s| s.epoch == 3));
+}
+
+#[test]
+fn a_stopped_joint_job_resumes_from_its_last_epoch_state() {
+    let _serial = serial();
+    let io = Memory::default();
+    let parts = |prefix: &str| {
+        (0..2)
+            .map(|k| {
+                let mut j = job(Start::Fresh(mlp()), &format!("{prefix}/m{k}"));
+                j.config.seed = 20 + k as u64;
+                j
+            })
+            .collect::<Vec<_>>()
+    };
+    run_joint_training(&joint_of(parts("whole"), "whole"), &io, &mut Quiet).unwrap();
+    // Two parts, 4 reports an epoch each: the 10th report is in epoch 2.
+    let mut hooks = PerPart {
+        after: Some(10),
+        ..PerPart::default()
+    };
+    let err = run_joint_training(&joint_of(parts("cut"), "cut"), &io, &mut hooks).unwrap_err();
+    assert!(matches!(err, RuntimeError::Stopped), "{err}");
+    assert_eq!(hooks.saved.len(), 1);
+    assert!(!io.objects.borrow().contains_key("cut/m0"));
+    let mut resumed = joint_of(parts("cut"), "cut");
+    resumed.resume = Some(hooks.saved[0].1.clone());
+    let again = run_joint_training(&resumed, &io, &mut Quiet).unwrap();
+    for k in 0..2 {
+        assert!(same(
+            &io.state(&format!("whole/m{k}")),
+            &io.state(&format!("cut/m{k}"))
+        ));
+        assert_eq!(again[k].outcome.history.len(), 3);
+    }
+}
+
+#[test]
+fn joint_fine_tunings_equal_separate_ones_with_and_without_distillation() {
+    let _serial = serial();
+    let io = Memory::default();
+    for (k, seed) in [(0, 11u64), (1, 12)] {
+        let mut j = job(Start::Fresh(mlp()), &format!("m{k}"));
+        j.config.seed = seed;
+        run_training(&j, &io, &mut Quiet).unwrap();
+    }
+    let recorded = |key: &str| ModelRef {
+        key: key.into(),
+        arch: ArchOf::Recorded,
+    };
+    let fine = |init: &str, distill: bool, out: &str| {
+        let mut j = job(Start::Checkpoint(recorded(init)), out);
+        j.config.epochs = 1;
+        if distill {
+            j.teachers = vec![recorded("m0"), recorded("m1")];
+            j.config.distill = Some(nt_spec::Distill::default());
+        }
+        j
+    };
+    let joint = joint_of(
+        vec![fine("m0", false, "jf0"), fine("m1", true, "jf1")],
+        "ft-joint",
+    );
+    let tuned = run_joint_training(&joint, &io, &mut Quiet).unwrap();
+    for (k, (init, distill)) in [("m0", false), ("m1", true)].into_iter().enumerate() {
+        let alone = run_training(&fine(init, distill, &format!("sf{k}")), &io, &mut Quiet).unwrap();
+        assert!(
+            same(&io.state(&format!("jf{k}")), &io.state(&format!("sf{k}"))),
+            "part {k}"
+        );
+        assert_eq!(tuned[k].before, alone.before);
+        assert_eq!(
+            io.state(&format!("jf{k}")).lineage().unwrap().members,
+            [init]
+        );
+    }
+}
+
+#[test]
+fn parts_that_cannot_train_as_one_are_refused_with_the_reason() {
+    let _serial = serial();
+    let io = Memory::default();
+    let a = job(Start::Fresh(mlp()), "a");
+    let mut b = job(Start::Fresh(mlp()), "b");
+    b.data.validation = 0.5;
+    let err = run_joint_training(&joint_of(vec![a.clone(), b], "x"), &io, &mut Quiet).unwrap_err();
+    assert!(matches!(err, RuntimeError::NotJoint(_)), "{err}");
+    assert!(err.to_string().contains("part 1"), "{err}");
+    let mut c = a.clone();
+    c.config.lr = 0.5;
+    let err = run_joint_training(&joint_of(vec![a, c], "x"), &io, &mut Quiet).unwrap_err();
+    assert!(err.to_string().contains("`lr`"), "{err}");
+    assert!(io.objects.borrow().is_empty());
 }

@@ -8,6 +8,7 @@
 //! record the lineage, save.
 
 mod eval;
+mod joint;
 mod local;
 mod train;
 
@@ -20,6 +21,7 @@ use nt_spec::DataSpec;
 use tch::Device;
 
 pub use eval::{run_evaluation, EvalJob, Evaluated, Normalize};
+pub use joint::{run_joint_training, JointJob};
 pub use local::LocalFiles;
 pub use train::{epoch_state_key, run_training, Provenance, Start, TrainJob, Trained};
 
@@ -89,6 +91,11 @@ pub trait JobHooks {
 
     /// Training progress, every `log_every` steps and at each epoch's end.
     fn progress(&mut self, _progress: &Progress) {}
+
+    /// Progress of part `part` of a joint training ([`run_joint_training`]).
+    fn part_progress(&mut self, _part: usize, progress: &Progress) {
+        self.progress(progress);
+    }
 
     /// Epoch `epoch`'s resumable state is stored under `key`.
     fn epoch_saved(&mut self, _epoch: usize, _key: &str) {}

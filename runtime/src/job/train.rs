@@ -159,7 +159,7 @@ pub fn run_training(job: &TrainJob, io: &dyn JobIo, hooks: &mut dyn JobHooks) ->
     })
 }
 
-fn lineage(job: &TrainJob, init: Option<&StateDict>, after: &Evaluation) -> Lineage {
+pub(super) fn lineage(job: &TrainJob, init: Option<&StateDict>, after: &Evaluation) -> Lineage {
     let mut lineage = match &job.provenance {
         Provenance::Run { run } => Lineage {
             run: Some(run.clone()),

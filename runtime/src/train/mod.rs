@@ -24,7 +24,10 @@ pub use eval::{evaluate, evaluate_ensemble, Evaluation};
 pub use joint::{evaluate_joint, train_joint, JointHooks, JointOutcome};
 pub use nt_spec::train::{Distill, Schedule, TrainConfig};
 pub use sgd::{Sgd, SgdConfig};
-pub use state_file::{train_state_from_bytes, train_state_to_bytes, META_TRAIN_STATE};
+pub use state_file::{
+    joint_state_from_bytes, joint_state_to_bytes, train_state_from_bytes, train_state_to_bytes,
+    META_JOINT_STATE, META_TRAIN_STATE,
+};
 
 use crate::data::{permutation, AugmentDraws, DeviceSet, SplitMix64};
 use crate::model::{Network, Precision};
