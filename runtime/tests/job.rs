@@ -500,12 +500,12 @@ fn a_stopped_joint_job_resumes_from_its_last_epoch_state() {
     let mut resumed = joint_of(parts("cut"), "cut");
     resumed.resume = Some(hooks.saved[0].1.clone());
     let again = run_joint_training(&resumed, &io, &mut Quiet).unwrap();
-    for k in 0..2 {
+    for (k, part) in again.iter().enumerate() {
         assert!(same(
             &io.state(&format!("whole/m{k}")),
             &io.state(&format!("cut/m{k}"))
         ));
-        assert_eq!(again[k].outcome.history.len(), 3);
+        assert_eq!(part.outcome.history.len(), 3);
     }
 }
 
