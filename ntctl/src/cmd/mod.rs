@@ -7,4 +7,5 @@ pub mod progress;
 pub mod remote;
 pub mod run_local;
 pub mod train;
+mod train_members;
 pub mod transfer;

@@ -86,57 +86,67 @@ impl DataArgs {
 pub struct TrainArgs {
     /// Architecture preset or spec file (default: the one recorded in --init).
     #[arg(long)]
-    arch: Option<String>,
+    pub(super) arch: Option<String>,
     /// Start from this checkpoint instead of a fresh initialisation (fine-tuning).
     #[arg(long)]
-    init: Option<PathBuf>,
+    pub(super) init: Option<PathBuf>,
     /// Distil from these teacher checkpoints' mean logits (comma-separated).
     #[arg(long, value_delimiter = ',')]
-    distill: Vec<PathBuf>,
+    pub(super) distill: Vec<PathBuf>,
     /// Distillation temperature.
     #[arg(long, default_value_t = defaults::DISTILL_TEMPERATURE)]
-    temperature: f64,
+    pub(super) temperature: f64,
     /// Weight of the soft targets in the distillation loss.
     #[arg(long, default_value_t = defaults::DISTILL_WEIGHT)]
-    distill_weight: f64,
+    pub(super) distill_weight: f64,
     #[command(flatten)]
-    data: DataArgs,
+    pub(super) data: DataArgs,
     #[arg(long, default_value_t = defaults::EPOCHS)]
-    epochs: usize,
+    pub(super) epochs: usize,
     #[arg(long, default_value_t = defaults::BATCH_SIZE)]
-    batch_size: usize,
+    pub(super) batch_size: usize,
     #[arg(long, default_value_t = defaults::LR)]
-    lr: f64,
+    pub(super) lr: f64,
     #[arg(long, default_value_t = defaults::MOMENTUM)]
-    momentum: f64,
+    pub(super) momentum: f64,
     #[arg(long, default_value_t = defaults::WEIGHT_DECAY)]
-    weight_decay: f64,
+    pub(super) weight_decay: f64,
     #[arg(long)]
-    nesterov: bool,
+    pub(super) nesterov: bool,
     /// constant, step:EVERY:GAMMA, multistep:E1-E2-...:GAMMA or cosine[:MIN_LR].
     #[arg(long, default_value = "constant", value_parser = parse_schedule)]
-    schedule: Schedule,
+    pub(super) schedule: Schedule,
     /// Seeds initialisation, data order, augmentation and dropout.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(super) seed: u64,
     /// Compute linear and conv layers in bfloat16 (GPU only).
     #[arg(long)]
-    bf16: bool,
+    pub(super) bf16: bool,
     /// Random-crop padding in pixels (0 = no crop augmentation).
     #[arg(long, default_value_t = 0)]
-    crop_padding: usize,
+    pub(super) crop_padding: usize,
     /// Random horizontal flips.
     #[arg(long)]
-    hflip: bool,
+    pub(super) hflip: bool,
     /// Write a resumable training state after every epoch into this folder.
     #[arg(long)]
-    checkpoint_dir: Option<PathBuf>,
+    pub(super) checkpoint_dir: Option<PathBuf>,
     /// Continue from a training state written by --checkpoint-dir.
     #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Where to write the trained model.
+    pub(super) resume: Option<PathBuf>,
+    /// Train this many members of a fresh ensemble (seeds --seed,
+    /// --seed + 1, ...) instead of one model; -o is then a folder that gets
+    /// member-0.safetensors, member-1.safetensors, ...
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=nt_spec::plan::MAX_MEMBERS as i64))]
+    pub(super) members: Option<u32>,
+    /// With --members: on trains them as one batched computation, falling
+    /// back to one after another (with the reason) when they cannot; off
+    /// trains them one after another.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub(super) joint: String,
+    /// Where to write the trained model (with --members: a folder).
     #[arg(short, long)]
-    output_file: PathBuf,
+    pub(super) output_file: PathBuf,
 }
 
 pub fn parse_schedule(text: &str) -> Result<Schedule, String> {
@@ -172,8 +182,8 @@ pub fn key(path: &Path) -> String {
 }
 
 /// Prints the start and each epoch in text mode.
-struct CliHooks {
-    output: OutputFormat,
+pub(super) struct CliHooks {
+    pub(super) output: OutputFormat,
 }
 
 impl JobHooks for CliHooks {
@@ -215,20 +225,47 @@ impl JobHooks for CliHooks {
 }
 
 #[derive(Serialize)]
-struct TrainReport<'a> {
-    output: String,
-    arch: String,
-    parameters: usize,
-    device: String,
-    test: Evaluation,
+pub(super) struct TrainReport<'a> {
+    pub(super) output: String,
+    pub(super) arch: String,
+    pub(super) parameters: usize,
+    pub(super) device: String,
+    pub(super) test: Evaluation,
     #[serde(flatten)]
-    outcome: &'a TrainOutcome,
+    pub(super) outcome: &'a TrainOutcome,
     /// How the user's own data was loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<nt_runtime::data::LoadReport>,
+    pub(super) data: Option<nt_runtime::data::LoadReport>,
+}
+
+/// The training settings the flags give (with distillation when there are teachers).
+pub(super) fn train_config(args: &TrainArgs, teachers: bool) -> TrainConfig {
+    TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
+        nesterov: args.nesterov,
+        schedule: args.schedule.clone(),
+        seed: args.seed,
+        bf16: args.bf16,
+        augment: Augment {
+            crop_padding: args.crop_padding,
+            hflip: args.hflip,
+        },
+        distill: teachers.then_some(Distill {
+            temperature: args.temperature,
+            weight: args.distill_weight,
+        }),
+        log_every: 0,
+    }
 }
 
 pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
+    if args.members.is_some() {
+        return super::train_members::run(args, output);
+    }
     let device = args.data.device()?;
     let arch = args
         .arch
@@ -254,26 +291,7 @@ pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
             arch: ArchOf::Recorded,
         })
         .collect();
-    let config = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        momentum: args.momentum,
-        weight_decay: args.weight_decay,
-        nesterov: args.nesterov,
-        schedule: args.schedule.clone(),
-        seed: args.seed,
-        bf16: args.bf16,
-        augment: Augment {
-            crop_padding: args.crop_padding,
-            hflip: args.hflip,
-        },
-        distill: (!teachers.is_empty()).then_some(Distill {
-            temperature: args.temperature,
-            weight: args.distill_weight,
-        }),
-        log_every: 0,
-    };
+    let config = train_config(&args, !teachers.is_empty());
     let job = TrainJob {
         start,
         teachers,
