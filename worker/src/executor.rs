@@ -292,6 +292,10 @@ impl JobHooks for Hooks<'_> {
         self.send(None, p);
     }
 
+    fn part_progress(&mut self, part: usize, p: &Progress) {
+        self.send(Some(part as u32), p);
+    }
+
     fn epoch_saved(&mut self, epoch: usize, key: &str) {
         let _ = self.progress.send(ProgressMessage {
             progress: None,
@@ -355,9 +359,7 @@ pub fn execute(
     let done = match &plan.job {
         Job::Train { .. } | Job::FineTune { .. } => train(&plan, device, &io, &mut hooks),
         Job::Evaluate { items } => evaluate(&plan, device, items, &io, &mut hooks),
-        Job::Joint { .. } => Err(RuntimeError::NotJoint(
-            "this worker does not train jointly yet".into(),
-        )),
+        Job::Joint { parts } => joint::train(&plan, parts, device, &io, &mut hooks),
     };
     let mut result = done.map_err(|e| match e {
         RuntimeError::Stopped => {
@@ -531,5 +533,6 @@ pub fn task_device(requirement: nt_spec::Device, worker: Device) -> Device {
     }
 }
 
+mod joint;
 #[cfg(test)]
 mod tests;

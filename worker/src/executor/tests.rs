@@ -247,3 +247,139 @@ fn local_data_is_read_only_within_the_data_folders() {
         "{e}"
     );
 }
+
+/// Member `m`'s task (seed `7 + m`) at `attempt`.
+fn member_plan(m: usize, attempt: u32) -> TaskPlan {
+    let work = TaskWork::Train { member: m };
+    TaskPlan {
+        attempt,
+        output_prefix: layout::attempt_prefix("run-1", &work.local_name(), attempt),
+        ..plan(
+            work,
+            Job::Train {
+                config: config(7 + m as u64),
+            },
+        )
+    }
+}
+
+#[test]
+fn a_joint_task_trains_each_part_as_it_would_train_alone() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let storage = Storage::open(&StorageArgs {
+        url: "memory://".into(),
+        ..StorageArgs::local(std::path::Path::new("/"))
+    })
+    .unwrap();
+    let env = Env {
+        storage,
+        runtime: runtime.handle().clone(),
+        device: Device::Cpu,
+        threads: Some(1),
+        data_dirs: resolve_data_dirs(&[]),
+    };
+    let read = |key: &str| {
+        let bytes = StoreIo(&env).read(key).unwrap();
+        fusion::checkpoint::load_bytes(key, bytes).unwrap()
+    };
+    let control = TaskControl::default();
+    let alone: Vec<pb::TaskResult> = (0..2)
+        .map(|m| run(&env, &member_plan(m, 1).to_wire(), &control).0.unwrap())
+        .collect();
+
+    let parts: Vec<TaskPlan> = (0..2).map(|m| member_plan(m, 2)).collect();
+    let joint = TaskPlan {
+        attempt: 2,
+        output_prefix: layout::attempt_prefix("run-1", "members-joint", 2),
+        ..plan(
+            TaskWork::Joint {
+                phase: nt_spec::JointPhase::Members,
+                models: 2,
+            },
+            Job::Joint {
+                parts: parts.clone(),
+            },
+        )
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let result = execute(&joint.to_wire(), &env, &tx, &control).unwrap();
+    let mut messages = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        messages.push(m);
+    }
+    // Epoch states are the joint task's; progress and epochs name their part.
+    let states: Vec<_> = messages
+        .iter()
+        .filter_map(|m| m.checkpoint.clone())
+        .collect();
+    assert_eq!(
+        states,
+        [1, 2].map(|e| (layout::epoch_state(&joint.output_prefix, e), e as u32))
+    );
+    assert!(messages
+        .iter()
+        .all(|m| m.checkpoint.is_some() == m.part.is_none()));
+    for part in 0..2 {
+        let epochs = messages
+            .iter()
+            .filter(|m| m.part == Some(part) && m.epoch.is_some())
+            .count();
+        assert_eq!(epochs, 2, "part {part}");
+    }
+    // One result per part, each as the part's task alone would give it
+    // (the CPU trains each member with its own kernels, bit for bit).
+    assert_eq!(result.parts.len(), 2);
+    assert!(result.checkpoint.is_empty() && result.after.is_none());
+    let share = result.compute_seconds / 2.0;
+    for (m, (part, alone)) in result.parts.iter().zip(&alone).enumerate() {
+        assert_eq!(
+            part.checkpoint,
+            layout::attempt_model(&parts[m].output_prefix)
+        );
+        assert_eq!(part.compute_seconds, share);
+        let after = part.after.as_ref().unwrap();
+        assert_eq!(after.name, format!("member {m}"));
+        assert_eq!(after.accuracy, alone.after.as_ref().unwrap().accuracy);
+        let losses = |r: &pb::TaskResult| r.curve.iter().map(|p| p.train_loss).collect::<Vec<_>>();
+        let (jointly, apart) = (read(&part.checkpoint), read(&alone.checkpoint));
+        assert_eq!(
+            jointly.tensors.keys().collect::<Vec<_>>(),
+            apart.tensors.keys().collect::<Vec<_>>()
+        );
+        for (name, t) in &jointly.tensors {
+            assert_eq!(t.bytes(), apart.tensors[name].bytes(), "member {m}: {name}");
+        }
+        // The mean losses are summed in another order: equal to 1e-6.
+        for (j, a) in losses(part).into_iter().zip(losses(alone)) {
+            assert!((j - a).abs() <= 1e-6 * a.abs(), "member {m}: {j} vs {a}");
+        }
+        let lineage = jointly.lineage().unwrap();
+        assert_eq!(lineage.notes["seed"], (7 + m).to_string());
+    }
+
+    // Models joint training refuses are a split, not a failure.
+    let mut refused = joint.clone();
+    let mut arch = refused.arch.spec().clone();
+    let last = arch.nodes.len() - 1;
+    arch.nodes.insert(
+        last,
+        fusion::arch::NodeSpec {
+            name: Some("drop".into()),
+            input: vec![],
+            op: fusion::arch::Op::Dropout { p: 0.5 },
+        },
+    );
+    let arch = Architecture::new(arch).unwrap();
+    let Job::Joint { parts } = &mut refused.job else {
+        unreachable!()
+    };
+    for part in parts.iter_mut() {
+        part.arch = arch.clone();
+    }
+    refused.arch = arch;
+    let err = run(&env, &refused.to_wire(), &control).0.unwrap_err();
+    assert!(
+        matches!(&err, TaskError::NotJoint(m) if m.contains("dropout")),
+        "{err:?}"
+    );
+}
