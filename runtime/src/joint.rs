@@ -157,16 +157,33 @@ impl JointNetwork {
                 xs.len()
             )));
         }
-        let shaped = xs
+        self.member_major_input(&Tensor::f_cat(xs, 0)?)
+    }
+
+    /// The joint input layout of `[K*N, input...]`: member 0's N samples,
+    /// then member 1's, and so on.
+    pub fn member_major_input(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.stacked.shape_input(x)?;
+        let k = self.members as i64;
+        let rows = x.size()[0];
+        if rows % k != 0 {
+            return Err(RuntimeError::spec(format!(
+                "{rows} samples do not split among {k} members"
+            )));
+        }
+        let n = rows / k;
+        let input: Vec<i64> = self
+            .arch()
+            .input_shape()
             .iter()
-            .map(|x| self.stacked.shape_input(x))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(if self.arch().input_shape().len() == 3 {
-            let n = shaped[0].size()[0];
-            let [c, h, w] = [0, 1, 2].map(|i| self.arch().input_shape()[i] as i64);
-            Tensor::f_stack(&shaped, 1)?.f_reshape([n, self.members as i64 * c, h, w])?
+            .map(|&d| d as i64)
+            .collect();
+        Ok(if let [c, h, w] = input[..] {
+            x.f_reshape([k, n, c, h, w])?
+                .f_transpose(0, 1)?
+                .f_reshape([n, k * c, h, w])?
         } else {
-            Tensor::f_stack(&shaped, 0)?
+            x.f_reshape([k, n, input.iter().product()])?
         })
     }
 

@@ -15,7 +15,7 @@ use super::{
     epoch_order, member_loss, Control, EpochRecord, Evaluation, Progress, Sgd, SgdConfig,
     TrainConfig, TrainOutcome, TrainState,
 };
-use crate::data::DeviceSet;
+use crate::data::{AugmentDraws, DeviceSet};
 use crate::joint::{JointNetwork, Kernels};
 use crate::model::{Network, Precision};
 use crate::tensor::TchExt;
@@ -80,6 +80,28 @@ fn check(nets: &[Network], configs: &[TrainConfig]) -> Result<()> {
         Some(why) => Err(RuntimeError::NotJoint(why)),
         None => Ok(()),
     }
+}
+
+/// Each member's augmentation draws of an epoch as one `[K, len]` set.
+fn stack_draws(draws: Vec<Option<AugmentDraws>>) -> Result<Option<AugmentDraws>> {
+    let draws: Option<Vec<AugmentDraws>> = draws.into_iter().collect();
+    let Some(draws) = draws else {
+        return Ok(None);
+    };
+    let stack = |f: fn(&AugmentDraws) -> &Tensor| -> Result<Tensor> {
+        Ok(Tensor::f_stack(
+            &draws
+                .iter()
+                .map(|d| f(d).shallow_clone())
+                .collect::<Vec<_>>(),
+            0,
+        )?)
+    };
+    Ok(Some(AugmentDraws {
+        oy: stack(|d| &d.oy)?,
+        ox: stack(|d| &d.ox)?,
+        flip: stack(|d| &d.flip)?,
+    }))
 }
 
 /// Stacks the members' momentum buffers (all present, or none).
@@ -197,14 +219,15 @@ pub fn train_joint(
 
     for epoch in start_epoch..config.epochs {
         let lr = config.schedule.lr(config.lr, epoch, config.epochs);
-        let orders = configs
+        // Every member's order and draws as [K, len]: one gather a step.
+        let (orders, draws): (Vec<_>, Vec<_>) = configs
             .iter()
             .map(|c| epoch_order(c, train.len, epoch, device))
-            .collect::<Result<Vec<_>>>()?;
-        let mut batches: Vec<_> = orders
-            .iter()
-            .map(|(order, _)| train.batches(config.batch_size, Some(order)))
-            .collect();
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let order = Tensor::f_stack(&orders, 0)?;
+        let draws = stack_draws(draws)?;
         let start = Instant::now();
         let mut window_start = Instant::now();
         let (mut loss_sum, mut correct) = (zeros()?, zeros()?);
@@ -212,27 +235,28 @@ pub fn train_joint(
         let (mut window_samples, mut epoch_samples) = (0usize, 0usize);
 
         for step in 0..steps {
-            let mut xs = Vec::with_capacity(k);
-            let mut ys = Vec::with_capacity(k);
-            for (m, it) in batches.iter_mut().enumerate() {
-                let (x, y) = it
-                    .next()
-                    .ok_or_else(|| RuntimeError::spec("a member's batches ended early"))??;
-                let x = match &orders[m].1 {
-                    None => x,
-                    Some(d) => {
-                        let n = y.size()[0];
-                        let from = (step * config.batch_size) as i64;
-                        train.augment(&x, &config.augment, &d.slice(from, n)?)?
-                    }
-                };
-                xs.push(x);
-                ys.push(y);
-            }
-            let n = ys[0].size()[0];
-            let logits = joint.forward_with(&joint.stack_inputs(&xs)?, true, precision)?;
+            let from = step * config.batch_size;
+            let n = (train.len - from).min(config.batch_size) as i64;
+            let member_rows = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.f_narrow(1, from as i64, n)?.f_reshape([-1])?)
+            };
+            // [K*n, ...], member by member.
+            let idx = member_rows(&order)?;
+            let x = train.x.f_index_select(0, &idx)?;
+            let y = train.y.f_index_select(0, &idx)?.f_reshape([k as i64, n])?;
+            let x = match &draws {
+                None => x,
+                Some(d) => {
+                    let mine = AugmentDraws {
+                        oy: member_rows(&d.oy)?,
+                        ox: member_rows(&d.ox)?,
+                        flip: member_rows(&d.flip)?,
+                    };
+                    train.augment(&x, &config.augment, &mine)?
+                }
+            };
+            let logits = joint.forward_with(&joint.member_major_input(&x)?, true, precision)?;
             let classes = logits.size()[2];
-            let y = Tensor::f_stack(&ys, 0)?;
             // [K, N] per-sample cross-entropy, then each member's mean.
             let ce = logits
                 .f_reshape([-1, classes])?
@@ -251,7 +275,7 @@ pub fn train_joint(
                         member_loss(
                             &logits.f_get(m as i64)?,
                             &ce.f_get(m as i64)?,
-                            &xs[m],
+                            &x.f_narrow(0, m as i64 * n, n)?,
                             teachers,
                             distills[m],
                         )
