@@ -48,6 +48,16 @@ pub struct JointNetwork {
     kernels: Kernels,
 }
 
+/// A stacked tensor's members (none for none). Unbind rather than select
+/// member by member: its backward is one stack, where K selects would each
+/// build a zero tensor of the whole stack.
+fn unbind(t: &Option<Tensor>) -> Result<Vec<Tensor>> {
+    Ok(match t {
+        Some(t) => t.f_unbind(0)?,
+        None => Vec::new(),
+    })
+}
+
 fn unsupported(why: String) -> RuntimeError {
     RuntimeError::NotJoint(why)
 }
@@ -258,11 +268,9 @@ impl JointNetwork {
                             None => a.f_bmm(&w.f_transpose(1, 2)?)?,
                         },
                         Kernels::PerMember => {
-                            let ys = (0..k)
-                                .map(|m| {
-                                    let b = b.as_ref().map(|b| b.f_get(m)).transpose()?;
-                                    Ok(a.f_get(m)?.f_linear(&w.f_get(m)?, b.as_ref())?)
-                                })
+                            let (xs, ws, bs) = (a.f_unbind(0)?, w.f_unbind(0)?, unbind(&b)?);
+                            let ys = (0..self.members)
+                                .map(|m| Ok(xs[m].f_linear(&ws[m], bs.get(m))?))
                                 .collect::<Result<Vec<_>>>()?;
                             Tensor::f_stack(&ys, 0)?
                         }
@@ -272,7 +280,6 @@ impl JointNetwork {
                     stride,
                     padding,
                     groups,
-                    in_channels,
                     ..
                 } => {
                     let (s, p, g) = (stride as i64, padding as i64, groups as i64);
@@ -289,18 +296,11 @@ impl JointNetwork {
                             g * k,
                         )?,
                         Kernels::PerMember => {
-                            let c = in_channels as i64;
-                            let ys = (0..k)
+                            let (xs, ws, bs) = (a.f_chunk(k, 1)?, w.f_unbind(0)?, unbind(&b)?);
+                            let ys = (0..self.members)
                                 .map(|m| {
-                                    let b = b.as_ref().map(|b| b.f_get(m)).transpose()?;
-                                    Ok(a.f_narrow(1, m * c, c)?.f_conv2d(
-                                        &w.f_get(m)?,
-                                        b.as_ref(),
-                                        [s, s],
-                                        [p, p],
-                                        [1, 1],
-                                        g,
-                                    )?)
+                                    let x = xs[m].f_contiguous()?;
+                                    Ok(x.f_conv2d(&ws[m], bs.get(m), [s, s], [p, p], [1, 1], g)?)
                                 })
                                 .collect::<Result<Vec<_>>>()?;
                             Tensor::f_cat(&ys, 1)?

@@ -270,11 +270,12 @@ pub fn train_joint(
                 .f_reshape([k as i64, n])?
                 .f_mean_dim([1i64].as_slice(), false, Kind::Float)?;
             let losses = if any_distill {
+                let (member_logits, member_ce) = (logits.f_unbind(0)?, ce.f_unbind(0)?);
                 let per_member = (0..k)
                     .map(|m| {
                         member_loss(
-                            &logits.f_get(m as i64)?,
-                            &ce.f_get(m as i64)?,
+                            &member_logits[m],
+                            &member_ce[m],
                             &x.f_narrow(0, m as i64 * n, n)?,
                             teachers,
                             distills[m],
