@@ -97,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Fuse(args) => cmd::fuse::run(args, output),
+        Command::Train(args) if args.trains_members() => cmd::train_members::run(*args, output),
         Command::Train(args) => cmd::train::run(*args, output),
         Command::Eval(args) => cmd::eval::run(args, output),
         Command::Arch(args) => cmd::arch::run(args, output),

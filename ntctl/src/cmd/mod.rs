@@ -7,5 +7,5 @@ pub mod progress;
 pub mod remote;
 pub mod run_local;
 pub mod train;
-mod train_members;
+pub mod train_members;
 pub mod transfer;

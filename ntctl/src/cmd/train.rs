@@ -262,10 +262,15 @@ pub(super) fn train_config(args: &TrainArgs, teachers: bool) -> TrainConfig {
     }
 }
 
-pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
-    if args.members.is_some() {
-        return super::train_members::run(args, output);
+impl TrainArgs {
+    /// Whether these flags train an ensemble (`--members`).
+    pub fn trains_members(&self) -> bool {
+        self.members.is_some()
     }
+}
+
+/// Trains or fine-tunes one model (for `--members`, see `train_members`).
+pub fn run(args: TrainArgs, output: OutputFormat) -> Result<()> {
     let device = args.data.device()?;
     let arch = args
         .arch
