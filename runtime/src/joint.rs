@@ -67,17 +67,10 @@ impl JointNetwork {
     pub fn stack(nets: &[Network]) -> Result<Self> {
         let first = nets
             .first()
-            .ok_or_else(|| unsupported("joint training needs at least one network".into()))?;
+            .ok_or_else(|| unsupported("joint training needs at least two networks".into()))?;
         let arch = first.arch();
         if let Some(why) = nt_spec::joint::arch_refusal(arch) {
             return Err(unsupported(why));
-        }
-        if arch.output_shape().len() != 1 {
-            return Err(unsupported(format!(
-                "the output of `{}` is {:?} per sample, not a vector of logits",
-                arch.name(),
-                arch.output_shape()
-            )));
         }
         for (k, net) in nets.iter().enumerate() {
             if net.arch().spec() != arch.spec() || net.device() != first.device() {

@@ -45,10 +45,18 @@ impl JointMode {
 }
 
 /// Why `arch` cannot train jointly, or `None` when it can. Every op trains
-/// jointly except dropout: its masks come from libtorch's global generator,
+/// jointly except dropout (and the output must be a vector of logits, as
+/// training needs anyway): its masks come from libtorch's global generator,
 /// in an order a joint step cannot reproduce per member, so a jointly
 /// trained member would not equal its separately trained twin.
 pub fn arch_refusal(arch: &Architecture) -> Option<String> {
+    if arch.output_shape().len() != 1 {
+        return Some(format!(
+            "the output of `{}` is {:?} per sample, not a vector of logits",
+            arch.name(),
+            arch.output_shape()
+        ));
+    }
     arch.nodes()
         .iter()
         .find(|n| matches!(n.op, Op::Dropout { p } if p > 0.0))
@@ -81,25 +89,35 @@ pub fn config_refusal(configs: &[TrainConfig]) -> Option<String> {
 }
 
 fn differing_field(a: &TrainConfig, b: &TrainConfig) -> &'static str {
-    if a.epochs != b.epochs {
-        "epochs"
-    } else if a.batch_size != b.batch_size {
-        "batch_size"
-    } else if a.lr != b.lr {
-        "lr"
-    } else if a.momentum != b.momentum {
-        "momentum"
-    } else if a.weight_decay != b.weight_decay {
-        "weight_decay"
-    } else if a.nesterov != b.nesterov {
-        "nesterov"
-    } else if a.schedule != b.schedule {
-        "schedule"
-    } else if a.bf16 != b.bf16 {
-        "bf16"
-    } else {
-        "augment"
-    }
+    // Destructured, so a field added to TrainConfig must be named here.
+    let TrainConfig {
+        epochs,
+        batch_size,
+        lr,
+        momentum,
+        weight_decay,
+        nesterov,
+        schedule,
+        seed: _,
+        bf16,
+        augment,
+        distill: _,
+        log_every: _,
+    } = a;
+    [
+        (*epochs != b.epochs, "epochs"),
+        (*batch_size != b.batch_size, "batch_size"),
+        (*lr != b.lr, "lr"),
+        (*momentum != b.momentum, "momentum"),
+        (*weight_decay != b.weight_decay, "weight_decay"),
+        (*nesterov != b.nesterov, "nesterov"),
+        (*schedule != b.schedule, "schedule"),
+        (*bf16 != b.bf16, "bf16"),
+        (*augment != b.augment, "augment"),
+    ]
+    .into_iter()
+    .find_map(|(differs, name)| differs.then_some(name))
+    .unwrap_or("settings")
 }
 
 /// Why these models cannot train jointly, or `None`.

@@ -43,6 +43,13 @@ pub fn run_joint_training(
     io: &dyn JobIo,
     hooks: &mut dyn JobHooks,
 ) -> Result<Vec<Trained>> {
+    let device = job.parts.first().map_or(Device::Cpu, |p| p.device);
+    // Out of memory anywhere (K initial models, teachers, evaluations,
+    // training) is a reason to train the parts one by one.
+    train_parts(job, io, hooks).map_err(|e| out_of_memory(e, device, job.parts.len()))
+}
+
+fn train_parts(job: &JointJob, io: &dyn JobIo, hooks: &mut dyn JobHooks) -> Result<Vec<Trained>> {
     let first = job
         .parts
         .first()
@@ -80,7 +87,15 @@ pub fn run_joint_training(
             "part {k}'s architecture differs from part 0's"
         )));
     }
-    let configs: Vec<_> = job.parts.iter().map(|p| p.config.clone()).collect();
+    // A part distils only from teachers it names, as it would alone.
+    let configs: Vec<_> = job
+        .parts
+        .iter()
+        .map(|p| nt_spec::TrainConfig {
+            distill: p.config.distill.filter(|_| !p.teachers.is_empty()),
+            ..p.config.clone()
+        })
+        .collect();
     if let Some(why) = nt_spec::joint::refusal(&arch, &configs) {
         return Err(not_joint(why));
     }
@@ -148,7 +163,7 @@ pub fn run_joint_training(
             epoch_states: job.epoch_states.as_deref(),
         },
     );
-    let (nets, outcome) = trained.map_err(|e| out_of_memory(e, device, job.parts.len()))?;
+    let (nets, outcome) = trained?;
     if outcome.stopped {
         return Err(RuntimeError::Stopped);
     }

@@ -138,6 +138,12 @@ pub fn joint_state_from_bytes(source_name: &str, bytes: Vec<u8>) -> Result<Vec<s
                     format!("unexpected tensor `{name}` in a joint training state"),
                 )
             })?;
+        if parts[k].get(rest).is_some() {
+            return Err(RuntimeError::checkpoint(
+                source_name,
+                format!("tensor `{rest}` of member {k} appears twice"),
+            ));
+        }
         parts[k].insert(rest, t);
     }
     parts

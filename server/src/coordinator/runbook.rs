@@ -514,7 +514,7 @@ impl Runbook {
     fn retry_or_fail(&mut self, i: usize, why: &str, now: i64, fx: &mut Effects) {
         let task = self.task_id(&self.doc.tasks[i]);
         fx.push(Effect::Release { task: task.clone() });
-        let attempts = self.doc.tasks[i].attempt;
+        let attempts = self.own_attempts(i);
         if attempts >= self.plan.max_attempts {
             let label = self.doc.tasks[i].work.label();
             self.set_task_state(i, TaskState::Failed, why, now, fx);

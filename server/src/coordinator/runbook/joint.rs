@@ -92,6 +92,28 @@ impl Runbook {
         }
     }
 
+    /// The attempts task `i` has used of its own: after a split, those of
+    /// the joint task that trained it first do not count (its attempt
+    /// numbers go on from the joint task's, so every attempt keeps its own
+    /// prefix, but it gets `max_attempts` of its own).
+    pub(super) fn own_attempts(&self, i: usize) -> u32 {
+        let t = &self.doc.tasks[i];
+        let phase = match t.work {
+            TaskWork::Train { .. } => JointPhase::Members,
+            TaskWork::FineTune { .. } | TaskWork::Baseline => JointPhase::FineTunings,
+            TaskWork::Evaluate | TaskWork::Joint { .. } => return t.attempt,
+        };
+        let split = self.doc.tasks.iter().find(|r| {
+            matches!(r.work, TaskWork::Joint { phase: p, .. } if p == phase)
+                && r.state == TaskState::Cancelled
+                && r.error.starts_with("split: ")
+        });
+        match split {
+            Some(joint) if t.group.is_empty() => t.attempt.saturating_sub(joint.attempt),
+            _ => t.attempt,
+        }
+    }
+
     /// Joint task `i`'s models cannot train jointly (`reason`): it ends, and
     /// each model is queued as a task of its own, starting afresh.
     pub(super) fn split(&mut self, i: usize, reason: &str, now: i64, fx: &mut Effects) {

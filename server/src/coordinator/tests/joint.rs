@@ -422,3 +422,31 @@ fn a_restarted_coordinator_leases_the_joint_task_and_queues_none_of_its_models()
         .unwrap();
     assert_eq!(restored.state(), RunState::Fusing);
 }
+
+#[test]
+fn a_split_on_the_joint_tasks_last_attempt_leaves_each_model_its_own_attempts() {
+    let (mut book, _) = new_run("members: {count: 2, joint: on}\nmax_attempts: 2\n");
+    book.lease("members-joint", "w", 2_000).unwrap();
+    book.lease_expired("members-joint", 1, 3_000);
+    book.lease("members-joint", "w", 4_000).unwrap();
+    book.fail("members-joint", 2, "CUDA out of memory", false, true, 5_000)
+        .unwrap();
+    // Member 0 alone: attempts 3 and 4 are its two; a retryable failure
+    // of the first does not fail the run.
+    let (task, _) = book.lease("member-0", "w", 6_000).unwrap();
+    assert_eq!(task.attempt, 3);
+    book.fail("member-0", 3, "storage blip", true, false, 7_000)
+        .unwrap();
+    assert_eq!(task_state(&book, "member-0"), TaskState::Pending);
+    assert_eq!(book.state(), RunState::Training);
+    book.lease("member-0", "w", 8_000).unwrap();
+    book.fail("member-0", 4, "storage blip", true, false, 9_000)
+        .unwrap();
+    assert_eq!(task_state(&book, "member-0"), TaskState::Failed);
+    assert_eq!(book.state(), RunState::Failed);
+    assert!(
+        book.doc.message.contains("after 2 attempt(s)"),
+        "{}",
+        book.doc.message
+    );
+}
