@@ -189,6 +189,7 @@ impl Worker {
         let reporter = tokio::spawn(self.clone().report_progress(
             task.task_id.clone(),
             task.attempt,
+            task.parts.len().max(1),
             rx,
             control.clone(),
         ));
@@ -236,10 +237,13 @@ impl Worker {
     }
 
     /// Sends progress in order; a directive other than continue stops the task.
+    /// `parts`: the models a joint task trains (1 otherwise); each part
+    /// reports its own share, so the worker's throughput is that times the parts.
     async fn report_progress(
         self: Arc<Self>,
         task_id: String,
         attempt: u32,
+        parts: usize,
         mut rx: mpsc::UnboundedReceiver<ProgressMessage>,
         control: Arc<TaskControl>,
     ) {
@@ -263,7 +267,9 @@ impl Worker {
                     continue;
                 }
                 if let Some(p) = m.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
-                    self.metrics.samples_per_second.set(p.samples_per_second);
+                    self.metrics
+                        .samples_per_second
+                        .set(p.samples_per_second * parts as f64);
                 }
                 let (checkpoint, checkpoint_epoch) = m.checkpoint.unwrap_or_default();
                 let req = pb::ReportProgressRequest {

@@ -167,7 +167,7 @@ impl WorkerApi for Coordinator {
         else {
             return Ok(pb::TaskDirective::LeaseLost);
         };
-        let prefix = {
+        let (prefix, models) = {
             let book = lock(&slot.book);
             let i = match book.check_held_by(local, req.attempt, worker_id) {
                 Ok(i) => i,
@@ -180,12 +180,14 @@ impl WorkerApi for Coordinator {
                     req.task_id
                 )));
             }
-            format!("{}/", book.attempt_prefix(i, req.attempt))
+            (format!("{}/", book.attempt_prefix(i, req.attempt)), models)
         };
-        // The last training throughput (evaluations report none).
+        // The last training throughput (evaluations report none); a joint
+        // task's parts each report their share.
         if let Some(p) = req.progress.as_ref().filter(|p| p.samples_per_second > 0.0) {
+            let shares = if req.part.is_some() { models.max(1) } else { 1 };
             self.metrics
-                .set_samples_per_second(worker_id, p.samples_per_second);
+                .set_samples_per_second(worker_id, p.samples_per_second * shares as f64);
         }
         if !req.checkpoint.is_empty() {
             self.check_output(&req.checkpoint, &prefix, "checkpoint")
