@@ -276,10 +276,16 @@ impl WorkerApi for Coordinator {
                     .collect::<Vec<_>>()
             }
         };
-        for (canonical, checkpoint, prefix, what) in outputs {
-            if let Some(dest) = &canonical {
-                self.check_output(&checkpoint, &prefix, &what).await?;
-                self.storage.copy(&checkpoint, dest).await?;
+        // Every part is checked before any is copied: a refused result
+        // leaves no canonical key written.
+        for (canonical, checkpoint, prefix, what) in &outputs {
+            if canonical.is_some() {
+                self.check_output(checkpoint, prefix, what).await?;
+            }
+        }
+        for (canonical, checkpoint, _, _) in &outputs {
+            if let Some(dest) = canonical {
+                self.storage.copy(checkpoint, dest).await?;
             }
         }
         let delivery = Delivery {
