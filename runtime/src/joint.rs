@@ -48,16 +48,6 @@ pub struct JointNetwork {
     kernels: Kernels,
 }
 
-/// A stacked tensor's members (none for none). Unbind rather than select
-/// member by member: its backward is one stack, where K selects would each
-/// build a zero tensor of the whole stack.
-fn unbind(t: &Option<Tensor>) -> Result<Vec<Tensor>> {
-    Ok(match t {
-        Some(t) => t.f_unbind(0)?,
-        None => Vec::new(),
-    })
-}
-
 fn unsupported(why: String) -> RuntimeError {
     RuntimeError::NotJoint(why)
 }
@@ -204,6 +194,71 @@ impl JointNetwork {
     /// The forward pass of all members on their joint input
     /// ([`JointNetwork::stack_inputs`]): logits `[K, N, classes]`.
     pub fn forward_with(&self, x: &Tensor, train: bool, precision: Precision) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Batched => self.batched_forward(x, train, precision),
+            Kernels::PerMember => self.forward_members(&self.member_major(x)?, train, precision),
+        }
+    }
+
+    /// The forward pass of all members on `[K*N, input...]`, member 0's N
+    /// samples first: logits `[K, N, classes]`.
+    pub fn forward_members(&self, x: &Tensor, train: bool, precision: Precision) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Batched => {
+                self.batched_forward(&self.member_major_input(x)?, train, precision)
+            }
+            Kernels::PerMember => {
+                let k = self.members as i64;
+                let rows = x.size().first().copied().unwrap_or(0);
+                if rows % k != 0 {
+                    return Err(RuntimeError::spec(format!(
+                        "{rows} samples do not split among {k} members"
+                    )));
+                }
+                let xs = x.f_chunk(k, 0)?;
+                self.each_member(|m, tensors| {
+                    self.stacked.forward_on(tensors, &xs[m], train, precision)
+                })
+            }
+        }
+    }
+
+    /// `f` on each member's views of the stacks, its results stacked. The
+    /// stacks are unbound once: the backward of unbind is one stack per
+    /// parameter, where selecting member by member would build a zero
+    /// tensor of the whole stack for each.
+    fn each_member(&self, f: impl Fn(usize, &[&Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+        let stacks = self
+            .stacked
+            .params()
+            .iter()
+            .map(|p| p.tensor.f_unbind(0))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let outs = (0..self.members)
+            .map(|m| {
+                let tensors: Vec<&Tensor> = stacks.iter().map(|s| &s[m]).collect();
+                f(m, &tensors)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::f_stack(&outs, 0)?)
+    }
+
+    /// The joint input layout back to `[K*N, input...]`.
+    fn member_major(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.members as i64;
+        let size = x.size();
+        Ok(if let [n, kc, h, w] = size[..] {
+            x.f_reshape([n, k, kc / k, h, w])?
+                .f_transpose(0, 1)?
+                .f_reshape([k * n, kc / k, h, w])?
+        } else {
+            x.f_reshape([-1, *size.last().unwrap_or(&1)])?
+        })
+    }
+
+    /// One grouped convolution per conv layer, one batched matrix product
+    /// per linear layer.
+    fn batched_forward(&self, x: &Tensor, train: bool, precision: Precision) -> Result<Tensor> {
         let net = &self.stacked;
         let arch = net.arch();
         let k = self.members as i64;
@@ -251,22 +306,12 @@ impl JointNetwork {
                     let w = low(net.need(i, ParamRole::Weight)?)?;
                     let b = net.slot(i, ParamRole::Bias).map(low).transpose()?;
                     let a = low(&a)?;
-                    match self.kernels {
-                        // [K, N, F] x [K, F, O] (+ [K, 1, O]).
-                        Kernels::Batched => match &b {
-                            Some(b) => {
-                                b.f_unsqueeze(1)?
-                                    .f_baddbmm(&a, &w.f_transpose(1, 2)?, 1, 1)?
-                            }
-                            None => a.f_bmm(&w.f_transpose(1, 2)?)?,
-                        },
-                        Kernels::PerMember => {
-                            let (xs, ws, bs) = (a.f_unbind(0)?, w.f_unbind(0)?, unbind(&b)?);
-                            let ys = (0..self.members)
-                                .map(|m| Ok(xs[m].f_linear(&ws[m], bs.get(m))?))
-                                .collect::<Result<Vec<_>>>()?;
-                            Tensor::f_stack(&ys, 0)?
-                        }
+                    // [K, N, F] x [K, F, O] (+ [K, 1, O]).
+                    match &b {
+                        Some(b) => b
+                            .f_unsqueeze(1)?
+                            .f_baddbmm(&a, &w.f_transpose(1, 2)?, 1, 1)?,
+                        None => a.f_bmm(&w.f_transpose(1, 2)?)?,
                     }
                 }
                 Op::Conv2d {
@@ -279,26 +324,14 @@ impl JointNetwork {
                     let w = low(net.need(i, ParamRole::Weight)?)?;
                     let b = net.slot(i, ParamRole::Bias).map(low).transpose()?;
                     let a = low(&a)?;
-                    match self.kernels {
-                        Kernels::Batched => a.f_conv2d(
-                            &merged(&w)?,
-                            b.as_ref().map(merged).transpose()?,
-                            [s, s],
-                            [p, p],
-                            [1, 1],
-                            g * k,
-                        )?,
-                        Kernels::PerMember => {
-                            let (xs, ws, bs) = (a.f_chunk(k, 1)?, w.f_unbind(0)?, unbind(&b)?);
-                            let ys = (0..self.members)
-                                .map(|m| {
-                                    let x = xs[m].f_contiguous()?;
-                                    Ok(x.f_conv2d(&ws[m], bs.get(m), [s, s], [p, p], [1, 1], g)?)
-                                })
-                                .collect::<Result<Vec<_>>>()?;
-                            Tensor::f_cat(&ys, 1)?
-                        }
-                    }
+                    a.f_conv2d(
+                        &merged(&w)?,
+                        b.as_ref().map(merged).transpose()?,
+                        [s, s],
+                        [p, p],
+                        [1, 1],
+                        g * k,
+                    )?
                 }
                 Op::BatchNorm { eps, momentum, .. } => {
                     // Flat [K, N, F] goes through [N, K*F] and back.
@@ -367,7 +400,12 @@ impl JointNetwork {
     /// Evaluation-mode logits of every member on the same batch, `[K, N, classes]`.
     pub fn predict(&self, x: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        self.forward_with(&self.repeat_input(x)?, false, Precision::F32)
+        match self.kernels {
+            Kernels::Batched => self.batched_forward(&self.repeat_input(x)?, false, Precision::F32),
+            Kernels::PerMember => self.each_member(|_, tensors| {
+                self.stacked.forward_on(tensors, x, false, Precision::F32)
+            }),
+        }
     }
 }
 
@@ -463,9 +501,10 @@ mod tests {
         Network::with_params(net.arch(), net.device(), params)
     }
 
-    /// Batched and per-member kernels are the same mathematics: in float64
-    /// their gradients agree to rounding (1e-12), for every layer kind and
-    /// both layouts. (In float32 they agree to rounding too, which BatchNorm
+    /// Batched and per-member kernels are the same mathematics as each
+    /// member alone: in float64 their gradients agree with the member's own
+    /// to rounding (1e-12 of the largest), for every layer kind and both
+    /// layouts. (In float32 they agree to rounding too, which BatchNorm
     /// nets then amplify over steps: see `tests/joint.rs`.)
     #[test]
     fn batched_kernels_compute_the_per_member_gradients() {
@@ -503,14 +542,31 @@ mod tests {
                     Tensor::run_backward(&[&loss], &joint.trainable(), false, false)
                 })
                 .collect();
-            for (a, b) in grads[0].iter().zip(&grads[1]) {
-                let scale = b.abs().max().double_value(&[]).max(1e-30);
-                let d = max_diff(a, b) / scale;
-                assert!(
-                    d < 1e-12,
-                    "{}: relative gradient difference {d:e}",
-                    arch.name()
-                );
+            // Each member's own network: the gradients of its own loss (a
+            // bias right before BatchNorm has a gradient of rounding noise,
+            // so differences are measured against the largest gradient).
+            let scale = grads[1]
+                .iter()
+                .map(|g| g.abs().max().double_value(&[]))
+                .fold(1e-30, f64::max);
+            for (m, net) in nets.iter().enumerate() {
+                let y = net.forward_t(&xs[m], true).unwrap();
+                let loss = y
+                    .log_softmax(-1, Kind::Double)
+                    .select(1, 0)
+                    .mean(Kind::Double)
+                    / 3.0;
+                let own = Tensor::run_backward(&[&loss], &net.trainable(), false, false);
+                for (n, o) in own.iter().enumerate() {
+                    for (kernels, g) in ["batched", "per-member"].iter().zip(&grads) {
+                        let d = max_diff(&g[n].get(m as i64), o) / scale;
+                        assert!(
+                            d < 1e-12,
+                            "{} {kernels}, member {m}, parameter {n}: {d:e}",
+                            arch.name()
+                        );
+                    }
+                }
             }
         }
     }

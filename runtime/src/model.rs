@@ -163,6 +163,31 @@ impl Network {
         self.slots[node][role_slot(role)].map(|i| &self.params[i].tensor)
     }
 
+    /// As [`Network::slot`], from `tensors` (one per parameter, in order).
+    fn slot_in<'t>(
+        &self,
+        tensors: &[&'t Tensor],
+        node: usize,
+        role: ParamRole,
+    ) -> Option<&'t Tensor> {
+        self.slots[node][role_slot(role)].and_then(|i| tensors.get(i).copied())
+    }
+
+    fn need_in<'t>(
+        &self,
+        tensors: &[&'t Tensor],
+        node: usize,
+        role: ParamRole,
+    ) -> Result<&'t Tensor> {
+        self.slot_in(tensors, node, role).ok_or_else(|| {
+            RuntimeError::spec(format!(
+                "node `{}` lacks its {}",
+                self.arch.nodes()[node].name,
+                role.suffix()
+            ))
+        })
+    }
+
     pub(crate) fn need(&self, node: usize, role: ParamRole) -> Result<&Tensor> {
         self.slot(node, role).ok_or_else(|| {
             RuntimeError::spec(format!(
@@ -203,6 +228,20 @@ impl Network {
 
     /// The forward pass at a chosen precision.
     pub fn forward_with(&self, x: &Tensor, train: bool, precision: Precision) -> Result<Tensor> {
+        let tensors: Vec<&Tensor> = self.params.iter().map(|p| &p.tensor).collect();
+        self.forward_on(&tensors, x, train, precision)
+    }
+
+    /// The forward pass with `tensors` in place of the network's own (one
+    /// per parameter and buffer, in order, of the same shapes): a joint
+    /// network runs each member through this with views of its stacks.
+    pub(crate) fn forward_on(
+        &self,
+        tensors: &[&Tensor],
+        x: &Tensor,
+        train: bool,
+        precision: Precision,
+    ) -> Result<Tensor> {
         let x = self.shape_input(x)?;
         let low = |t: &Tensor| -> Result<Tensor> {
             Ok(match precision {
@@ -237,8 +276,8 @@ impl Network {
             let a = input(&node.inputs[0], &outs)?;
             let y = match node.op {
                 Op::Linear { .. } => low(&a)?.f_linear(
-                    &low(self.need(i, ParamRole::Weight)?)?,
-                    low_opt(self.slot(i, ParamRole::Bias))?,
+                    &low(self.need_in(tensors, i, ParamRole::Weight)?)?,
+                    low_opt(self.slot_in(tensors, i, ParamRole::Bias))?,
                 )?,
                 Op::Conv2d {
                     stride,
@@ -248,8 +287,8 @@ impl Network {
                 } => {
                     let (s, p) = (stride as i64, padding as i64);
                     low(&a)?.f_conv2d(
-                        &low(self.need(i, ParamRole::Weight)?)?,
-                        low_opt(self.slot(i, ParamRole::Bias))?,
+                        &low(self.need_in(tensors, i, ParamRole::Weight)?)?,
+                        low_opt(self.slot_in(tensors, i, ParamRole::Bias))?,
                         [s, s],
                         [p, p],
                         [1, 1],
@@ -259,17 +298,17 @@ impl Network {
                 Op::BatchNorm { eps, momentum, .. } => {
                     let y = Tensor::f_batch_norm(
                         &full(a)?,
-                        Some(self.need(i, ParamRole::NormWeight)?),
-                        Some(self.need(i, ParamRole::NormBias)?),
-                        Some(self.need(i, ParamRole::RunningMean)?),
-                        Some(self.need(i, ParamRole::RunningVar)?),
+                        Some(self.need_in(tensors, i, ParamRole::NormWeight)?),
+                        Some(self.need_in(tensors, i, ParamRole::NormBias)?),
+                        Some(self.need_in(tensors, i, ParamRole::RunningMean)?),
+                        Some(self.need_in(tensors, i, ParamRole::RunningVar)?),
                         train,
                         momentum,
                         eps,
                         true,
                     )?;
                     if train {
-                        if let Some(t) = self.slot(i, ParamRole::BatchesTracked) {
+                        if let Some(t) = self.slot_in(tensors, i, ParamRole::BatchesTracked) {
                             let _guard = tch::no_grad_guard();
                             let mut t = t.shallow_clone();
                             let _ = t.f_add_scalar_(1)?;

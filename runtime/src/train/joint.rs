@@ -255,7 +255,7 @@ pub fn train_joint(
                     train.augment(&x, &config.augment, &mine)?
                 }
             };
-            let logits = joint.forward_with(&joint.member_major_input(&x)?, true, precision)?;
+            let logits = joint.forward_members(&x, true, precision)?;
             let classes = logits.size()[2];
             // [K, N] per-sample cross-entropy, then each member's mean.
             let ce = logits
