@@ -22,9 +22,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fusion::arch::Architecture;
-use nt_runtime::data::{self, normalization, permutation, DataSpec, DeviceSet};
+use nt_runtime::data::{self, normalization, permutation, Batches, DataSpec, DeviceSet};
 use nt_runtime::joint::{JointNetwork, Kernels};
-use nt_runtime::model::Precision;
+use nt_runtime::model::{Network, Precision};
 use nt_runtime::train::{init_network, train, train_joint, NoHooks, Sgd, SgdConfig, TrainConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -85,6 +85,12 @@ struct Args {
     /// `train_joint` run; prints milliseconds per member-step.
     #[arg(long)]
     profile: bool,
+    /// With --profile, also time "stepwise": each member's forward,
+    /// backward and SGD step on its own network and batch, members taking
+    /// turns within every joint step. Not in the runtime: what per-member
+    /// joint training on the CPU would cost without the joint layout.
+    #[arg(long, requires = "profile")]
+    stepwise: bool,
 }
 
 /// One way of training the K members.
@@ -92,6 +98,8 @@ struct Args {
 enum Mode {
     Sequential,
     Joint(Kernels),
+    /// Profiling only (see `--stepwise`).
+    Stepwise,
 }
 
 impl Mode {
@@ -99,12 +107,13 @@ impl Mode {
         match self {
             Mode::Sequential => "sequential",
             Mode::Joint(_) => "joint",
+            Mode::Stepwise => "stepwise",
         }
     }
 
     fn kernels(self) -> &'static str {
         match self {
-            Mode::Sequential => "single",
+            Mode::Sequential | Mode::Stepwise => "single",
             Mode::Joint(Kernels::Batched) => "batched",
             Mode::Joint(Kernels::PerMember) => "per-member",
         }
@@ -223,6 +232,7 @@ fn run(
                 .collect();
             (seconds, losses)
         }
+        Mode::Stepwise => bail!("stepwise is timed under --profile only"),
     };
     synchronize(device);
     let seconds = start.elapsed().as_secs_f64();
@@ -256,6 +266,27 @@ fn lap(device: Device, slot: &mut f64, mark: &mut Instant) {
     *mark = now;
 }
 
+/// One step of one network, as `train` takes it, each phase timed.
+fn single_step(
+    net: &Network,
+    sgd: &mut Sgd,
+    batches: &mut Batches<'_>,
+    t: &mut Phases,
+) -> Result<()> {
+    let device = net.device();
+    let mut mark = Instant::now();
+    let (x, y) = batches.next().context("a member's batches ended early")??;
+    lap(device, &mut t.data, &mut mark);
+    let logits = net.forward_with(&x, true, Precision::F32)?;
+    let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
+    lap(device, &mut t.forward, &mut mark);
+    let grads = Tensor::f_run_backward(&[&loss], &net.trainable(), false, false)?;
+    lap(device, &mut t.backward, &mut mark);
+    sgd.step(&grads, 0.01)?;
+    lap(device, &mut t.optimizer, &mut mark);
+    Ok(())
+}
+
 /// One epoch of every member in `mode`, as `train` / `train_joint` step
 /// (same batches, loss, backward and SGD), with each phase timed.
 fn profile(
@@ -283,30 +314,27 @@ fn profile(
         weight_decay: 0.0,
         nesterov: false,
     };
+    let steps = set.len.div_ceil(batch);
     let mut t = Phases::default();
     match mode {
         Mode::Sequential => {
             for (net, order) in nets.iter().zip(&orders) {
                 let mut sgd = Sgd::new(&net.trainable(), sgd_config)?;
                 let mut batches = set.batches(batch, Some(order));
-                loop {
-                    let mut mark = Instant::now();
-                    let Some(next) = batches.next() else { break };
-                    let (x, y) = next?;
-                    lap(device, &mut t.data, &mut mark);
-                    let logits = net.forward_with(&x, true, Precision::F32)?;
-                    let loss = logits.f_cross_entropy_loss::<Tensor>(
-                        &y,
-                        None,
-                        Reduction::Mean,
-                        -100,
-                        0.0,
-                    )?;
-                    lap(device, &mut t.forward, &mut mark);
-                    let grads = Tensor::f_run_backward(&[&loss], &net.trainable(), false, false)?;
-                    lap(device, &mut t.backward, &mut mark);
-                    sgd.step(&grads, 0.01)?;
-                    lap(device, &mut t.optimizer, &mut mark);
+                for _ in 0..steps {
+                    single_step(net, &mut sgd, &mut batches, &mut t)?;
+                }
+            }
+        }
+        Mode::Stepwise => {
+            let mut sgds = nets
+                .iter()
+                .map(|net| Sgd::new(&net.trainable(), sgd_config))
+                .collect::<nt_runtime::Result<Vec<_>>>()?;
+            let mut batches: Vec<_> = orders.iter().map(|o| set.batches(batch, Some(o))).collect();
+            for _ in 0..steps {
+                for ((net, sgd), it) in nets.iter().zip(&mut sgds).zip(&mut batches) {
+                    single_step(net, sgd, it, &mut t)?;
                 }
             }
         }
@@ -314,7 +342,7 @@ fn profile(
             let joint = JointNetwork::stack(&nets)?.with_kernels(kernels);
             let mut sgd = Sgd::new(&joint.trainable(), sgd_config)?;
             let mut batches: Vec<_> = orders.iter().map(|o| set.batches(batch, Some(o))).collect();
-            for _ in 0..set.len.div_ceil(batch) {
+            for _ in 0..steps {
                 let mut mark = Instant::now();
                 let (mut xs, mut ys) = (Vec::with_capacity(k), Vec::with_capacity(k));
                 for it in batches.iter_mut() {
@@ -428,10 +456,17 @@ fn main() -> Result<()> {
     if !args.no_sequential {
         modes.insert(0, Mode::Sequential);
     }
+    if args.stepwise {
+        modes.push(Mode::Stepwise);
+    }
     let (set, warm) = load(&args, device)?;
     if let Some(warm) = &warm {
         for &mode in &modes {
-            run(mode, &arch, args.k, args.batch, warm)?;
+            if args.profile {
+                profile(mode, &arch, args.k, args.batch, warm)?;
+            } else {
+                run(mode, &arch, args.k, args.batch, warm)?;
+            }
         }
     }
 
