@@ -12,7 +12,7 @@ use std::time::Instant;
 use tch::{Kind, Reduction, Tensor};
 
 use super::{
-    epoch_order, member_loss, Control, EpochRecord, Evaluation, Progress, Sgd, SgdConfig,
+    epoch_order, member_loss, Control, Distill, EpochRecord, Evaluation, Progress, Sgd, SgdConfig,
     TrainConfig, TrainOutcome, TrainState,
 };
 use crate::data::{AugmentDraws, DeviceSet};
@@ -80,6 +80,41 @@ fn check(nets: &[Network], configs: &[TrainConfig]) -> Result<()> {
         Some(why) => Err(RuntimeError::NotJoint(why)),
         None => Ok(()),
     }
+}
+
+/// Each member's loss `[K]` from the joint logits `[K, N, classes]`: one
+/// cross-entropy over all members (each member's mean), then distillation
+/// where a member's config asks for it.
+fn batched_losses(
+    logits: &Tensor,
+    y: &Tensor,
+    x: &Tensor,
+    teachers: &[Network],
+    distills: &[Option<Distill>],
+) -> Result<Tensor> {
+    let size = logits.size();
+    let (k, n, classes) = (size[0], size[1], size[2]);
+    let ce = logits
+        .f_reshape([-1, classes])?
+        .f_cross_entropy_loss::<Tensor>(&y.f_reshape([-1])?, None, Reduction::None, -100, 0.0)?
+        .f_reshape([k, n])?
+        .f_mean_dim([1i64].as_slice(), false, Kind::Float)?;
+    if distills.iter().all(Option::is_none) {
+        return Ok(ce);
+    }
+    let (member_logits, member_ce) = (logits.f_unbind(0)?, ce.f_unbind(0)?);
+    let per_member = (0..k as usize)
+        .map(|m| {
+            member_loss(
+                &member_logits[m],
+                &member_ce[m],
+                &x.f_narrow(0, m as i64 * n, n)?,
+                teachers,
+                distills[m],
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_stack(&per_member, 0)?)
 }
 
 /// Each member's augmentation draws of an epoch as one `[K, len]` set.
@@ -206,7 +241,6 @@ pub fn train_joint(
         .iter()
         .map(|c| if teachers.is_empty() { None } else { c.distill })
         .collect();
-    let any_distill = distills.iter().any(Option::is_some);
     let steps = train.len.div_ceil(config.batch_size);
     let log_every = if config.log_every == 0 {
         steps
@@ -255,39 +289,26 @@ pub fn train_joint(
                     train.augment(&x, &config.augment, &mine)?
                 }
             };
-            let logits = joint.forward_members(&x, true, precision)?;
-            let classes = logits.size()[2];
-            // [K, N] per-sample cross-entropy, then each member's mean.
-            let ce = logits
-                .f_reshape([-1, classes])?
-                .f_cross_entropy_loss::<Tensor>(
-                    &y.f_reshape([-1])?,
-                    None,
-                    Reduction::None,
-                    -100,
-                    0.0,
-                )?
-                .f_reshape([k as i64, n])?
-                .f_mean_dim([1i64].as_slice(), false, Kind::Float)?;
-            let losses = if any_distill {
-                let (member_logits, member_ce) = (logits.f_unbind(0)?, ce.f_unbind(0)?);
-                let per_member = (0..k)
-                    .map(|m| {
-                        member_loss(
-                            &member_logits[m],
-                            &member_ce[m],
-                            &x.f_narrow(0, m as i64 * n, n)?,
-                            teachers,
-                            distills[m],
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::f_stack(&per_member, 0)?
-            } else {
-                ce
+            let (logits, losses, grads) = match kernels {
+                Kernels::PerMember => joint.member_steps(&x, precision, |m, logits, xm| {
+                    let ce = logits.f_cross_entropy_loss::<Tensor>(
+                        &y.f_get(m as i64)?,
+                        None,
+                        Reduction::Mean,
+                        -100,
+                        0.0,
+                    )?;
+                    member_loss(logits, &ce, xm, teachers, distills[m])
+                })?,
+                Kernels::Batched => {
+                    let logits = joint.forward_members(&x, true, precision)?;
+                    let losses = batched_losses(&logits, &y, &x, teachers, &distills)?;
+                    let total = losses.f_sum(Kind::Float)?;
+                    let grads =
+                        Tensor::f_run_backward(&[&total], &joint.trainable(), false, false)?;
+                    (logits, losses, grads)
+                }
             };
-            let total = losses.f_sum(Kind::Float)?;
-            let grads = Tensor::f_run_backward(&[&total], &joint.trainable(), false, false)?;
             sgd.step(&grads, lr)?;
             {
                 let _g = tch::no_grad_guard();
