@@ -223,63 +223,6 @@ impl JointNetwork {
         }
     }
 
-    /// One training step's forward and backward, member by member (the
-    /// per-member kernels' way: one member's activations in memory at a
-    /// time, as when it trains alone). `loss(m, logits, x)` is member m's
-    /// loss from its logits `[N, classes]` on its batch `x`. Returns the
-    /// logits `[K, N, classes]`, the losses `[K]` (detached) and the
-    /// gradients of the stacked trainable tensors, in order.
-    pub fn member_steps(
-        &self,
-        x: &Tensor,
-        precision: Precision,
-        loss: impl Fn(usize, &Tensor, &Tensor) -> Result<Tensor>,
-    ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
-        let k = self.members as i64;
-        let xs = x.f_chunk(k, 0)?;
-        let trainable: Vec<bool> = self
-            .stacked
-            .params()
-            .iter()
-            .map(|p| p.spec.role.trainable())
-            .collect();
-        let (mut logits, mut losses) = (Vec::new(), Vec::new());
-        let mut grads: Vec<Vec<Tensor>> = Vec::new();
-        for (m, xm) in xs.iter().enumerate() {
-            // Views of member m (selecting here builds no zero stack: the
-            // backward below stops at these views).
-            let views = self
-                .stacked
-                .params()
-                .iter()
-                .map(|p| p.tensor.f_select(0, m as i64))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let refs: Vec<&Tensor> = views.iter().collect();
-            let y = self.stacked.forward_on(&refs, xm, true, precision)?;
-            let l = loss(m, &y, xm)?;
-            let inputs: Vec<&Tensor> = views
-                .iter()
-                .zip(&trainable)
-                .filter(|(_, t)| **t)
-                .map(|(v, _)| v)
-                .collect();
-            grads.push(Tensor::f_run_backward(&[&l], &inputs, false, false)?);
-            logits.push(y.f_detach()?);
-            losses.push(l.f_detach()?);
-        }
-        let stacked = (0..grads.first().map_or(0, Vec::len))
-            .map(|i| {
-                let parts: Vec<&Tensor> = grads.iter().map(|g| &g[i]).collect();
-                Ok(Tensor::f_stack(&parts, 0)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((
-            Tensor::f_stack(&logits, 0)?,
-            Tensor::f_stack(&losses, 0)?,
-            stacked,
-        ))
-    }
-
     /// `f` on each member's views of the stacks, its results stacked. The
     /// stacks are unbound once: the backward of unbind is one stack per
     /// parameter, where selecting member by member would build a zero

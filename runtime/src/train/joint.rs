@@ -140,17 +140,17 @@ fn stack_draws(draws: Vec<Option<AugmentDraws>>) -> Result<Option<AugmentDraws>>
 }
 
 /// Stacks the members' momentum buffers (all present, or none).
-fn stack_momentum(states: &[TrainState]) -> Result<StateDict> {
+fn stack_momentum(states: &[StateDict]) -> Result<StateDict> {
     let mut out = StateDict::default();
     let Some(first) = states.first() else {
         return Ok(out);
     };
-    for name in first.momentum.tensors.keys() {
+    for name in first.tensors.keys() {
         let parts = states
             .iter()
             .enumerate()
             .map(|(k, s)| {
-                s.momentum.get(name).map(|t| t.to_tch()).ok_or_else(|| {
+                s.get(name).map(|t| t.to_tch()).ok_or_else(|| {
                     RuntimeError::checkpoint(
                         "joint training state",
                         format!("member {k} lacks momentum buffer `{name}`"),
@@ -164,6 +164,146 @@ fn stack_momentum(states: &[TrainState]) -> Result<StateDict> {
         );
     }
     Ok(out)
+}
+
+/// How the K members take a step.
+enum Engine {
+    /// One stacked network and one optimiser over the stacks: one launch a
+    /// layer for all members (the GPU's way).
+    Stacked { joint: Box<JointNetwork>, sgd: Sgd },
+    /// Each member its own network and optimiser, stepped in turn on its
+    /// slice of the one gathered batch: exactly separate training's
+    /// arithmetic and working set (the CPU's way, where launches cost
+    /// nothing and K members' activations and optimiser state together
+    /// outgrow the caches).
+    Separate { nets: Vec<Network>, sgds: Vec<Sgd> },
+}
+
+impl Engine {
+    fn new(
+        nets: Vec<Network>,
+        kernels: Kernels,
+        config: SgdConfig,
+        names: &[String],
+        momentum: Option<&[StateDict]>,
+    ) -> Result<Engine> {
+        Ok(match kernels {
+            Kernels::Batched => {
+                let joint = JointNetwork::stack(&nets)?.with_kernels(kernels);
+                drop(nets);
+                let mut sgd = Sgd::new(&joint.trainable(), config)?;
+                if let Some(m) = momentum {
+                    sgd.load_state(names, &stack_momentum(m)?)?;
+                }
+                Engine::Stacked {
+                    joint: Box::new(joint),
+                    sgd,
+                }
+            }
+            Kernels::PerMember => {
+                let mut sgds = nets
+                    .iter()
+                    .map(|n| Sgd::new(&n.trainable(), config))
+                    .collect::<Result<Vec<_>>>()?;
+                if let Some(m) = momentum {
+                    for (sgd, state) in sgds.iter_mut().zip(m) {
+                        sgd.load_state(names, state)?;
+                    }
+                }
+                Engine::Separate { nets, sgds }
+            }
+        })
+    }
+
+    /// One step on `x` (`[K*N, ...]`, member by member) and `y` (`[K, N]`):
+    /// the logits `[K, N, classes]` and each member's loss `[K]`.
+    fn step(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        lr: f64,
+        precision: Precision,
+        teachers: &[Network],
+        distills: &[Option<Distill>],
+    ) -> Result<(Tensor, Tensor)> {
+        match self {
+            Engine::Stacked { joint, sgd } => {
+                let logits = joint.forward_members(x, true, precision)?;
+                let losses = batched_losses(&logits, y, x, teachers, distills)?;
+                let total = losses.f_sum(Kind::Float)?;
+                let grads = Tensor::f_run_backward(&[&total], &joint.trainable(), false, false)?;
+                sgd.step(&grads, lr)?;
+                Ok((logits, losses))
+            }
+            Engine::Separate { nets, sgds } => {
+                let xs = x.f_chunk(nets.len() as i64, 0)?;
+                let (mut logits, mut losses) = (Vec::new(), Vec::new());
+                for (m, (net, sgd)) in nets.iter().zip(sgds.iter_mut()).enumerate() {
+                    let out = net.forward_with(&xs[m], true, precision)?;
+                    let target = y.f_get(m as i64)?;
+                    let ce = out.f_cross_entropy_loss::<Tensor>(
+                        &target,
+                        None,
+                        Reduction::Mean,
+                        -100,
+                        0.0,
+                    )?;
+                    let loss = member_loss(&out, &ce, &xs[m], teachers, distills[m])?;
+                    let grads = Tensor::f_run_backward(&[&loss], &net.trainable(), false, false)?;
+                    sgd.step(&grads, lr)?;
+                    logits.push(out.f_detach()?);
+                    losses.push(loss.f_detach()?);
+                }
+                Ok((Tensor::f_stack(&logits, 0)?, Tensor::f_stack(&losses, 0)?))
+            }
+        }
+    }
+
+    fn evaluate(&self, set: &DeviceSet, batch_size: usize) -> Result<Vec<Evaluation>> {
+        match self {
+            Engine::Stacked { joint, .. } => evaluate_joint(joint, set, batch_size),
+            Engine::Separate { nets, .. } => nets
+                .iter()
+                .map(|n| super::evaluate(n, set, batch_size))
+                .collect(),
+        }
+    }
+
+    /// Every member's weights and momentum buffers.
+    fn states(&self, names: &[String]) -> Result<(Vec<StateDict>, Vec<StateDict>)> {
+        match self {
+            Engine::Stacked { joint, sgd } => {
+                let momentum = sgd.state(names)?;
+                let mut models = Vec::new();
+                let mut momenta = Vec::new();
+                for m in 0..joint.members() {
+                    let mut own = StateDict::default();
+                    for (name, t) in &momentum.tensors {
+                        own.insert(
+                            name.clone(),
+                            HostTensor::from_tch(&t.to_tch().f_get(m as i64)?)?,
+                        );
+                    }
+                    models.push(joint.member_state(m)?);
+                    momenta.push(own);
+                }
+                Ok((models, momenta))
+            }
+            Engine::Separate { nets, sgds } => Ok((
+                nets.iter().map(Network::to_state).collect::<Result<_>>()?,
+                sgds.iter().map(|s| s.state(names)).collect::<Result<_>>()?,
+            )),
+        }
+    }
+
+    fn into_members(self) -> Result<Vec<Network>> {
+        match self {
+            Engine::Stacked { joint, .. } => {
+                (0..joint.members()).map(|m| joint.member(m)).collect()
+            }
+            Engine::Separate { nets, .. } => Ok(nets),
+        }
+    }
 }
 
 /// Trains `nets` jointly (each with its config: equal but for seeds and
@@ -213,7 +353,7 @@ pub fn train_joint(
                 .iter()
                 .map(|s| Network::from_state(&arch, &s.model, device))
                 .collect::<Result<Vec<_>>>()?;
-            let momentum = stack_momentum(&states)?;
+            let momentum: Vec<StateDict> = states.iter().map(|s| s.momentum.clone()).collect();
             let histories = states.iter().map(|s| s.history.clone()).collect();
             (states[0].epoch, histories, Some(momentum), nets)
         }
@@ -224,19 +364,12 @@ pub fn train_joint(
         .filter(|p| p.spec.role.trainable())
         .map(|p| p.spec.name.clone())
         .collect();
-    let joint = JointNetwork::stack(&nets)?.with_kernels(kernels);
-    drop(nets);
-    let mut sgd = Sgd::new(
-        &joint.trainable(),
-        SgdConfig {
-            momentum: config.momentum,
-            weight_decay: config.weight_decay,
-            nesterov: config.nesterov,
-        },
-    )?;
-    if let Some(momentum) = &momentum {
-        sgd.load_state(&names, momentum)?;
-    }
+    let sgd_config = SgdConfig {
+        momentum: config.momentum,
+        weight_decay: config.weight_decay,
+        nesterov: config.nesterov,
+    };
+    let mut engine = Engine::new(nets, kernels, sgd_config, &names, momentum.as_deref())?;
     let distills: Vec<_> = configs
         .iter()
         .map(|c| if teachers.is_empty() { None } else { c.distill })
@@ -289,27 +422,7 @@ pub fn train_joint(
                     train.augment(&x, &config.augment, &mine)?
                 }
             };
-            let (logits, losses, grads) = match kernels {
-                Kernels::PerMember => joint.member_steps(&x, precision, |m, logits, xm| {
-                    let ce = logits.f_cross_entropy_loss::<Tensor>(
-                        &y.f_get(m as i64)?,
-                        None,
-                        Reduction::Mean,
-                        -100,
-                        0.0,
-                    )?;
-                    member_loss(logits, &ce, xm, teachers, distills[m])
-                })?,
-                Kernels::Batched => {
-                    let logits = joint.forward_members(&x, true, precision)?;
-                    let losses = batched_losses(&logits, &y, &x, teachers, &distills)?;
-                    let total = losses.f_sum(Kind::Float)?;
-                    let grads =
-                        Tensor::f_run_backward(&[&total], &joint.trainable(), false, false)?;
-                    (logits, losses, grads)
-                }
-            };
-            sgd.step(&grads, lr)?;
+            let (logits, losses) = engine.step(&x, &y, lr, precision, teachers, &distills)?;
             {
                 let _g = tch::no_grad_guard();
                 let _ = loss_sum.f_add_(&losses.f_detach()?.f_mul_scalar(n as f64)?)?;
@@ -339,7 +452,7 @@ pub fn train_joint(
                 total_samples += epoch_samples;
                 total_seconds += train_seconds;
                 let evaluations = match eval {
-                    Some(set) => Some(evaluate_joint(&joint, set, config.batch_size.max(1024))?),
+                    Some(set) => Some(engine.evaluate(set, config.batch_size.max(1024))?),
                     None => None,
                 };
                 let el = host(&epoch_loss)?;
@@ -391,30 +504,22 @@ pub fn train_joint(
             break;
         }
         let snapshot = || -> Result<Vec<TrainState>> {
-            let momentum = sgd.state(&names)?;
-            (0..k)
-                .map(|m| {
-                    let mut own = StateDict::default();
-                    for (name, t) in &momentum.tensors {
-                        own.insert(
-                            name.clone(),
-                            HostTensor::from_tch(&t.to_tch().f_get(m as i64)?)?,
-                        );
-                    }
-                    Ok(TrainState {
-                        epoch: epoch + 1,
-                        model: joint.member_state(m)?,
-                        momentum: own,
-                        history: histories[m].clone(),
-                    })
+            let (models, momenta) = engine.states(&names)?;
+            Ok(models
+                .into_iter()
+                .zip(momenta)
+                .zip(&histories)
+                .map(|((model, momentum), history)| TrainState {
+                    epoch: epoch + 1,
+                    model,
+                    momentum,
+                    history: history.clone(),
                 })
-                .collect()
+                .collect())
         };
         hooks.epoch_end(epoch + 1, &snapshot)?;
     }
-    let members = (0..k)
-        .map(|m| joint.member(m))
-        .collect::<Result<Vec<_>>>()?;
+    let members = engine.into_members()?;
     let per_member = total_samples as f64 / total_seconds.max(1e-9);
     Ok((
         members,
