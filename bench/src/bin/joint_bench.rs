@@ -8,8 +8,9 @@
 //! decay). The figure is the aggregate training rate: all members' samples
 //! over the wall time of the training calls (models initialised and data on
 //! the device beforehand; CUDA synchronised before the clock is read), after
-//! one short warm-up run of every mode. Joint training's time includes
-//! stacking the members and taking them apart again, as a user pays it.
+//! one short warm-up run of every mode. Joint training's time includes its
+//! setup and handing the members back (stacking and unstacking them on the
+//! batched path), as a user pays it.
 //!
 //! Prints one JSON line per measurement; `bench/joint_bench.py` runs it for
 //! several models and K and compares with PyTorch's vmap ensembling.
@@ -22,7 +23,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use fusion::arch::Architecture;
-use nt_runtime::data::{self, normalization, permutation, Batches, DataSpec, DeviceSet};
+use nt_runtime::data::{self, normalization, permutation, DataSpec, DeviceSet};
 use nt_runtime::joint::{JointNetwork, Kernels};
 use nt_runtime::model::{Network, Precision};
 use nt_runtime::train::{init_network, train, train_joint, NoHooks, Sgd, SgdConfig, TrainConfig};
@@ -85,12 +86,6 @@ struct Args {
     /// `train_joint` run; prints milliseconds per member-step.
     #[arg(long)]
     profile: bool,
-    /// With --profile, also time "stepwise": each member's forward,
-    /// backward and SGD step on its own network and batch, members taking
-    /// turns within every joint step. Not in the runtime: what per-member
-    /// joint training on the CPU would cost without the joint layout.
-    #[arg(long, requires = "profile")]
-    stepwise: bool,
 }
 
 /// One way of training the K members.
@@ -98,8 +93,6 @@ struct Args {
 enum Mode {
     Sequential,
     Joint(Kernels),
-    /// Profiling only (see `--stepwise`).
-    Stepwise,
 }
 
 impl Mode {
@@ -107,13 +100,12 @@ impl Mode {
         match self {
             Mode::Sequential => "sequential",
             Mode::Joint(_) => "joint",
-            Mode::Stepwise => "stepwise",
         }
     }
 
     fn kernels(self) -> &'static str {
         match self {
-            Mode::Sequential | Mode::Stepwise => "single",
+            Mode::Sequential => "single",
             Mode::Joint(Kernels::Batched) => "batched",
             Mode::Joint(Kernels::PerMember) => "per-member",
         }
@@ -232,7 +224,6 @@ fn run(
                 .collect();
             (seconds, losses)
         }
-        Mode::Stepwise => bail!("stepwise is timed under --profile only"),
     };
     synchronize(device);
     let seconds = start.elapsed().as_secs_f64();
@@ -266,19 +257,14 @@ fn lap(device: Device, slot: &mut f64, mark: &mut Instant) {
     *mark = now;
 }
 
-/// One step of one network, as `train` takes it, each phase timed.
-fn single_step(
-    net: &Network,
-    sgd: &mut Sgd,
-    batches: &mut Batches<'_>,
-    t: &mut Phases,
-) -> Result<()> {
+/// Forward with the loss, backward and SGD step of one network on a
+/// gathered batch, as `train` (and per-member joint training) take them,
+/// each phase timed.
+fn timed_step(net: &Network, sgd: &mut Sgd, x: &Tensor, y: &Tensor, t: &mut Phases) -> Result<()> {
     let device = net.device();
     let mut mark = Instant::now();
-    let (x, y) = batches.next().context("a member's batches ended early")??;
-    lap(device, &mut t.data, &mut mark);
-    let logits = net.forward_with(&x, true, Precision::F32)?;
-    let loss = logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Mean, -100, 0.0)?;
+    let logits = net.forward_with(x, true, Precision::F32)?;
+    let loss = logits.f_cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, 0.0)?;
     lap(device, &mut t.forward, &mut mark);
     let grads = Tensor::f_run_backward(&[&loss], &net.trainable(), false, false)?;
     lap(device, &mut t.backward, &mut mark);
@@ -287,8 +273,10 @@ fn single_step(
     Ok(())
 }
 
-/// One epoch of every member in `mode`, as `train` / `train_joint` step
-/// (same batches, loss, backward and SGD), with each phase timed.
+/// One epoch of every member in `mode`, step by step as `train` and
+/// `train_joint` take them (same gathers, losses, backward passes and SGD
+/// steps; per-member joint training is each member's own network and
+/// optimiser in turn, batched is one stacked network), each phase timed.
 fn profile(
     mode: Mode,
     arch: &Architecture,
@@ -316,44 +304,52 @@ fn profile(
     };
     let steps = set.len.div_ceil(batch);
     let mut t = Phases::default();
+    // Joint training's gather: every member's batch at once, [K*N, ...]
+    // member by member.
+    let order = Tensor::f_stack(&orders, 0)?;
+    let gather = |step: usize, t: &mut Phases| -> Result<(Tensor, Tensor)> {
+        let mut mark = Instant::now();
+        let from = step * batch;
+        let n = (set.len - from).min(batch) as i64;
+        let idx = order.f_narrow(1, from as i64, n)?.f_reshape([-1])?;
+        let x = set.x.f_index_select(0, &idx)?;
+        let y = set.y.f_index_select(0, &idx)?.f_reshape([k as i64, n])?;
+        lap(device, &mut t.data, &mut mark);
+        Ok((x, y))
+    };
     match mode {
         Mode::Sequential => {
             for (net, order) in nets.iter().zip(&orders) {
                 let mut sgd = Sgd::new(&net.trainable(), sgd_config)?;
                 let mut batches = set.batches(batch, Some(order));
                 for _ in 0..steps {
-                    single_step(net, &mut sgd, &mut batches, &mut t)?;
+                    let mut mark = Instant::now();
+                    let (x, y) = batches.next().context("batches ended early")??;
+                    lap(device, &mut t.data, &mut mark);
+                    timed_step(net, &mut sgd, &x, &y, &mut t)?;
                 }
             }
         }
-        Mode::Stepwise => {
+        Mode::Joint(Kernels::PerMember) => {
             let mut sgds = nets
                 .iter()
                 .map(|net| Sgd::new(&net.trainable(), sgd_config))
                 .collect::<nt_runtime::Result<Vec<_>>>()?;
-            let mut batches: Vec<_> = orders.iter().map(|o| set.batches(batch, Some(o))).collect();
-            for _ in 0..steps {
-                for ((net, sgd), it) in nets.iter().zip(&mut sgds).zip(&mut batches) {
-                    single_step(net, sgd, it, &mut t)?;
+            for step in 0..steps {
+                let (x, y) = gather(step, &mut t)?;
+                let xs = x.f_chunk(k as i64, 0)?;
+                for (m, (net, sgd)) in nets.iter().zip(&mut sgds).enumerate() {
+                    timed_step(net, sgd, &xs[m], &y.f_get(m as i64)?, &mut t)?;
                 }
             }
         }
-        Mode::Joint(kernels) => {
-            let joint = JointNetwork::stack(&nets)?.with_kernels(kernels);
+        Mode::Joint(Kernels::Batched) => {
+            let joint = JointNetwork::stack(&nets)?.with_kernels(Kernels::Batched);
             let mut sgd = Sgd::new(&joint.trainable(), sgd_config)?;
-            let mut batches: Vec<_> = orders.iter().map(|o| set.batches(batch, Some(o))).collect();
-            for _ in 0..steps {
+            for step in 0..steps {
+                let (x, y) = gather(step, &mut t)?;
                 let mut mark = Instant::now();
-                let (mut xs, mut ys) = (Vec::with_capacity(k), Vec::with_capacity(k));
-                for it in batches.iter_mut() {
-                    let (x, y) = it.next().context("a member's batches ended early")??;
-                    xs.push(x);
-                    ys.push(y);
-                }
-                let x = joint.stack_inputs(&xs)?;
-                let y = Tensor::f_stack(&ys, 0)?;
-                lap(device, &mut t.data, &mut mark);
-                let logits = joint.forward_with(&x, true, Precision::F32)?;
+                let logits = joint.forward_members(&x, true, Precision::F32)?;
                 let (n, classes) = (y.size()[1], logits.size()[2]);
                 let loss = logits
                     .f_reshape([-1, classes])?
@@ -455,9 +451,6 @@ fn main() -> Result<()> {
     let mut modes: Vec<Mode> = kernels.into_iter().map(Mode::Joint).collect();
     if !args.no_sequential {
         modes.insert(0, Mode::Sequential);
-    }
-    if args.stepwise {
-        modes.push(Mode::Stepwise);
     }
     let (set, warm) = load(&args, device)?;
     if let Some(warm) = &warm {
