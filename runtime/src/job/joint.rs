@@ -6,10 +6,9 @@
 use fusion::checkpoint;
 use tch::Device;
 
-use super::train::lineage;
+use super::train::{lineage, Driver};
 use super::{
-    epoch_state_key, load_model, prepare, recorded_normalization, JobHooks, JobIo, Start, Started,
-    TrainJob, Trained,
+    load_model, prepare, recorded_normalization, JobHooks, JobIo, Start, Started, TrainJob, Trained,
 };
 use crate::joint::Kernels;
 use crate::model::Network;
@@ -26,7 +25,7 @@ pub struct JointJob {
     /// A joint epoch state to continue from.
     pub resume: Option<String>,
     /// Store a joint resumable state after every epoch under this prefix
-    /// ([`epoch_state_key`]).
+    /// ([`epoch_state_key`](super::epoch_state_key)).
     pub epoch_states: Option<String>,
 }
 
@@ -237,14 +236,8 @@ fn out_of_memory(error: RuntimeError, device: Device, parts: usize) -> RuntimeEr
     }
 }
 
-/// The joint trainer's hooks: per-part progress and stops to the job's
-/// hooks, joint epoch states to the store.
-struct Driver<'a> {
-    io: &'a dyn JobIo,
-    hooks: &'a mut dyn JobHooks,
-    epoch_states: Option<&'a str>,
-}
-
+/// The joint trainer's hooks: per-part progress, stops and joint epoch
+/// states through the single trainer's [`Driver`].
 impl JointHooks for Driver<'_> {
     fn stop_requested(&self) -> bool {
         self.hooks.should_stop()
@@ -252,11 +245,7 @@ impl JointHooks for Driver<'_> {
 
     fn progress(&mut self, member: usize, progress: &Progress) -> Control {
         self.hooks.part_progress(member, progress);
-        if self.hooks.should_stop() {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
+        self.control()
     }
 
     fn epoch_end(
@@ -264,17 +253,6 @@ impl JointHooks for Driver<'_> {
         epoch: usize,
         states: &dyn Fn() -> Result<Vec<TrainState>>,
     ) -> Result<()> {
-        let Some(prefix) = self.epoch_states else {
-            return Ok(());
-        };
-        let key = epoch_state_key(prefix, epoch);
-        let bytes = train::joint_state_to_bytes(&states()?)?;
-        match self.io.write(&key, bytes) {
-            Ok(()) => {
-                self.hooks.epoch_saved(epoch, &key);
-                Ok(())
-            }
-            Err(e) => self.hooks.epoch_save_failed(epoch, e),
-        }
+        self.save_epoch(epoch, || train::joint_state_to_bytes(&states()?))
     }
 }

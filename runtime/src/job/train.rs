@@ -189,11 +189,41 @@ pub(super) fn lineage(job: &TrainJob, init: Option<&StateDict>, after: &Evaluati
 }
 
 /// The trainer's hooks: progress and stops go to the job's hooks, epoch
-/// states to the store.
-struct Driver<'a> {
-    io: &'a dyn JobIo,
-    hooks: &'a mut dyn JobHooks,
-    epoch_states: Option<&'a str>,
+/// states to the store. Joint trainings use it too (`job/joint.rs`).
+pub(super) struct Driver<'a> {
+    pub(super) io: &'a dyn JobIo,
+    pub(super) hooks: &'a mut dyn JobHooks,
+    pub(super) epoch_states: Option<&'a str>,
+}
+
+impl Driver<'_> {
+    /// Whether the job's hooks let training go on.
+    pub(super) fn control(&self) -> Control {
+        if self.hooks.should_stop() {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+
+    /// Stores epoch `epoch`'s state (`bytes`) when the job keeps them.
+    pub(super) fn save_epoch(
+        &mut self,
+        epoch: usize,
+        bytes: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<()> {
+        let Some(prefix) = self.epoch_states else {
+            return Ok(());
+        };
+        let key = epoch_state_key(prefix, epoch);
+        match self.io.write(&key, bytes()?) {
+            Ok(()) => {
+                self.hooks.epoch_saved(epoch, &key);
+                Ok(())
+            }
+            Err(e) => self.hooks.epoch_save_failed(epoch, e),
+        }
+    }
 }
 
 impl TrainHooks for Driver<'_> {
@@ -203,25 +233,10 @@ impl TrainHooks for Driver<'_> {
 
     fn progress(&mut self, progress: &Progress) -> Control {
         self.hooks.progress(progress);
-        if self.hooks.should_stop() {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
+        self.control()
     }
 
     fn epoch_end(&mut self, epoch: usize, state: &dyn Fn() -> Result<TrainState>) -> Result<()> {
-        let Some(prefix) = self.epoch_states else {
-            return Ok(());
-        };
-        let key = epoch_state_key(prefix, epoch);
-        let bytes = train::train_state_to_bytes(&state()?)?;
-        match self.io.write(&key, bytes) {
-            Ok(()) => {
-                self.hooks.epoch_saved(epoch, &key);
-                Ok(())
-            }
-            Err(e) => self.hooks.epoch_save_failed(epoch, e),
-        }
+        self.save_epoch(epoch, || train::train_state_to_bytes(&state()?))
     }
 }
