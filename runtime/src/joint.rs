@@ -22,10 +22,11 @@ pub enum Kernels {
     /// One batched matrix product per linear layer, one grouped convolution
     /// per conv layer: K members for the launches of one (the GPU's way).
     Batched,
-    /// Each member's slice through the same kernel as a single network: the
-    /// arithmetic of separate training exactly (the CPU's way, where
-    /// launches cost nothing and libtorch's grouped convolutions are slower
-    /// than K plain ones).
+    /// Each member through a single network's own forward pass, on views of
+    /// the stacks: the arithmetic of separate training exactly (the CPU's
+    /// way, where launches cost nothing and libtorch's grouped convolutions
+    /// are slower than K plain ones). `train_joint` goes further on the CPU
+    /// and keeps each member's own network and optimiser.
     PerMember,
 }
 

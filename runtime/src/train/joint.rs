@@ -1,5 +1,7 @@
-//! Joint training: K networks of one architecture trained as one
-//! [`JointNetwork`], one step for all of them, each on its own batch.
+//! Joint training: K networks of one architecture trained together, one
+//! step for all of them, each on its own batch: as one [`JointNetwork`] on
+//! CUDA, or each member's own network stepped in turn on the CPU (see
+//! `Engine`).
 //!
 //! Each member keeps its own seed, data order and augmentation draws (those
 //! of [`super::train`] for its config), and the loss is the sum of the
