@@ -128,6 +128,20 @@ pub fn refusal(arch: &Architecture, configs: &[TrainConfig]) -> Option<String> {
     arch_refusal(arch).or_else(|| config_refusal(configs))
 }
 
+/// An estimate of the device memory `teachers` models take beside a joint
+/// training with batches of `batch_size`: their weights, and one batch's
+/// activations (no gradients), in float32.
+pub fn teacher_bytes(arch: &Architecture, batch_size: usize, teachers: usize) -> u64 {
+    let activations: u64 = arch
+        .nodes()
+        .iter()
+        .map(|n| n.out_shape.iter().product::<usize>() as u64)
+        .sum();
+    (arch.parameter_count() as u64 + batch_size as u64 * activations)
+        .saturating_mul(4)
+        .saturating_mul(teachers as u64)
+}
+
 /// An estimate of the device memory `k` models take training jointly with
 /// batches of `batch_size`: per model its parameters four times (weights,
 /// gradients, momentum, the optimiser's flat copy of the gradients) and
@@ -158,11 +172,14 @@ pub enum Decision {
 /// `device`: `off` never joins them; `on` joins them unless [`refusal`]
 /// says no; `auto` joins them only on GPU runs whose estimated memory
 /// ([`memory_bytes`]) is within `budget` bytes, and never says why not.
+/// `teachers`: the models the distilling configs learn from (held on the
+/// device beside the K models, and run on each batch without gradients).
 pub fn decide(
     mode: JointMode,
     device: Device,
     arch: &Architecture,
     configs: &[TrainConfig],
+    teachers: usize,
     budget: u64,
 ) -> Decision {
     let refused = || refusal(arch, configs);
@@ -174,7 +191,13 @@ pub fn decide(
         },
         JointMode::Auto => {
             let batch = configs.first().map_or(0, |c| c.batch_size);
-            let fits = || memory_bytes(arch, batch, configs.len()) <= budget;
+            let distils = configs.iter().any(|c| c.distill.is_some());
+            let teachers = if distils { teachers } else { 0 };
+            let fits = || {
+                memory_bytes(arch, batch, configs.len())
+                    .saturating_add(teacher_bytes(arch, batch, teachers))
+                    <= budget
+            };
             if device == Device::Gpu && fits() && refused().is_none() {
                 Decision::Joint
             } else {
@@ -242,6 +265,27 @@ mod tests {
     }
 
     #[test]
+    fn distilling_models_count_their_teachers_against_the_budget() {
+        let a = arch("lenet");
+        let plain = TrainConfig::default();
+        let distilled = TrainConfig {
+            distill: Some(crate::Distill::default()),
+            ..plain.clone()
+        };
+        let need = memory_bytes(&a, plain.batch_size, 2);
+        let teachers = teacher_bytes(&a, plain.batch_size, 4);
+        assert!(teachers > 4 * 4 * a.parameter_count() as u64);
+        let auto = |configs: &[TrainConfig], budget| {
+            decide(JointMode::Auto, Device::Gpu, &a, configs, 4, budget)
+        };
+        let both_plain = [plain.clone(), plain.clone()];
+        let one_distils = [plain, distilled];
+        assert_eq!(auto(&both_plain, need), Decision::Joint);
+        assert_eq!(auto(&one_distils, need), Decision::Separate(None));
+        assert_eq!(auto(&one_distils, need + teachers), Decision::Joint);
+    }
+
+    #[test]
     fn auto_joins_gpu_runs_within_the_budget_and_on_says_why_not() {
         let a = arch("lenet");
         let configs: Vec<TrainConfig> = (1..=3)
@@ -251,7 +295,7 @@ mod tests {
             })
             .collect();
         let need = memory_bytes(&a, configs[0].batch_size, 3);
-        let decide = |mode, device, budget| decide(mode, device, &a, &configs, budget);
+        let decide = |mode, device, budget| decide(mode, device, &a, &configs, 2, budget);
         assert_eq!(decide(JointMode::Auto, Device::Gpu, need), Decision::Joint);
         for (device, budget) in [
             (Device::Gpu, need - 1),
@@ -271,12 +315,12 @@ mod tests {
         );
         let mut differing = configs.clone();
         differing[1].epochs += 1;
-        match super::decide(JointMode::On, Device::Gpu, &a, &differing, u64::MAX) {
+        match super::decide(JointMode::On, Device::Gpu, &a, &differing, 0, u64::MAX) {
             Decision::Separate(Some(why)) => assert!(why.contains("`epochs`"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            super::decide(JointMode::Auto, Device::Gpu, &a, &differing, u64::MAX),
+            super::decide(JointMode::Auto, Device::Gpu, &a, &differing, 0, u64::MAX),
             Decision::Separate(None)
         );
     }

@@ -26,11 +26,17 @@ impl Runbook {
             Decision::Separate(None)
         } else {
             let plan = &self.plan;
+            // Distilled fine-tunings hold the members as teachers.
+            let teachers = match phase {
+                JointPhase::FineTunings => self.doc.member_keys.len(),
+                JointPhase::Members => 0,
+            };
             decide(
                 plan.joint,
                 plan.device,
                 &plan.arch,
                 &configs,
+                teachers,
                 self.joint_budget,
             )
         };
