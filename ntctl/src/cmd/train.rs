@@ -139,9 +139,9 @@ pub struct TrainArgs {
     /// member-0.safetensors, member-1.safetensors, ...
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=nt_spec::plan::MAX_MEMBERS as i64))]
     pub(super) members: Option<u32>,
-    /// With --members: on trains them as one batched computation, falling
-    /// back to one after another (with the reason) when they cannot; off
-    /// trains them one after another.
+    /// With --members: on trains them together, one step for all (one
+    /// batched computation on CUDA), falling back to one after another (with
+    /// the reason) when they cannot; off trains them one after another.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub(super) joint: String,
     /// Where to write the trained model (with --members: a folder).
