@@ -13,7 +13,9 @@ use nt_common::auth::BearerToken;
 use nt_common::layout;
 use nt_proto::tonic::Code;
 use nt_proto::v1 as pb;
-use nt_testkit::cluster::{self, is_final, serial, small_spec, state, submit, Cluster, StoreKind};
+use nt_testkit::cluster::{
+    self, cancel_then_run_another, is_final, serial, small_spec, state, submit, Cluster, StoreKind,
+};
 
 const LONG: Duration = Duration::from_secs(420);
 
@@ -210,30 +212,8 @@ async fn a_cancelled_run_stops_its_tasks() {
         r.tasks.iter().filter(|t| t.progress.is_some()).count() == 2
     })
     .await;
-    let cancelled = c
-        .client()
-        .await
-        .cancel_run(pb::CancelRunRequest {
-            run_id: run_id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(state(&cancelled), pb::RunState::Cancelled);
-    assert!(cancelled
-        .tasks
-        .iter()
-        .all(|t| task_state(t) == pb::TaskState::Cancelled));
-    // Both workers stop their tasks and take new work: a short run completes.
-    let short = submit(&c, small_spec(1, 2000), "")
-        .await
-        .run
-        .unwrap()
-        .run_id;
-    let done = c.wait_for(&short, Duration::from_secs(180), is_final).await;
-    assert_eq!(state(&done), pb::RunState::Succeeded, "{}", c.logs());
-    let logs = c.logs();
+    // Both workers stop their tasks and take new work.
+    let logs = cancel_then_run_another(&c, &run_id).await;
     assert_eq!(logs.matches("stopping task").count(), 2, "{logs}");
     // Cancelling again is a state conflict.
     let err = c

@@ -14,7 +14,9 @@ use std::time::Duration;
 use fusion::arch::{NodeSpec, Op};
 use nt_common::layout;
 use nt_proto::v1 as pb;
-use nt_testkit::cluster::{is_final, serial, small_spec, state, submit, Cluster, StoreKind};
+use nt_testkit::cluster::{
+    cancel_then_run_another, is_final, serial, small_spec, state, submit, Cluster, StoreKind,
+};
 
 const LONG: Duration = Duration::from_secs(420);
 
@@ -225,30 +227,8 @@ async fn a_cancelled_run_stops_its_joint_task() {
         })
     })
     .await;
-    let cancelled = c
-        .client()
-        .await
-        .cancel_run(pb::CancelRunRequest {
-            run_id: run_id.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(state(&cancelled), pb::RunState::Cancelled);
-    assert!(cancelled
-        .tasks
-        .iter()
-        .all(|t| t.state() == pb::TaskState::Cancelled));
-    // The joint task's worker stops it and takes new work: a short run completes.
-    let short = submit(&c, small_spec(1, 2000), "")
-        .await
-        .run
-        .unwrap()
-        .run_id;
-    let done = c.wait_for(&short, Duration::from_secs(180), is_final).await;
-    assert_eq!(state(&done), pb::RunState::Succeeded, "{}", c.logs());
-    let logs = c.logs();
+    // The joint task's worker stops it and takes new work.
+    let logs = cancel_then_run_another(&c, &run_id).await;
     assert_eq!(logs.matches("stopping task").count(), 1, "{logs}");
     assert!(logs.contains("members-joint"), "{logs}");
 }

@@ -597,3 +597,35 @@ pub async fn submit(
         .unwrap_or_else(|s| panic!("submit failed: {s:?}\n{}", cluster.logs()))
         .into_inner()
 }
+
+/// Cancels `run_id` and checks that the run and every task of it end
+/// cancelled, then that the workers stopped their tasks and take new work:
+/// a short run completes. The cluster's logs afterwards, for the caller's
+/// own checks.
+pub async fn cancel_then_run_another(cluster: &Cluster, run_id: &str) -> String {
+    let cancelled = cluster
+        .client()
+        .await
+        .cancel_run(pb::CancelRunRequest {
+            run_id: run_id.into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&cancelled), pb::RunState::Cancelled);
+    assert!(cancelled
+        .tasks
+        .iter()
+        .all(|t| t.state() == pb::TaskState::Cancelled));
+    let short = submit(cluster, small_spec(1, 2000), "")
+        .await
+        .run
+        .unwrap()
+        .run_id;
+    let done = cluster
+        .wait_for(&short, Duration::from_secs(180), is_final)
+        .await;
+    assert_eq!(state(&done), pb::RunState::Succeeded, "{}", cluster.logs());
+    cluster.logs()
+}
